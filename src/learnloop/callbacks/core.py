@@ -1,0 +1,125 @@
+"""The `Callback` base class, callback ordering, and the checks run when a callback is attached.
+
+A callback is any object whose methods are named after events (see `learnloop.events`).
+The checks here make mistakes fail at registration, before any batch runs: a class passed
+instead of an instance, a method that looks like an event but is misspelled, and a hook whose
+signature cannot take `(learn, **context)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..events import EVENT_CONTEXT, EVENTS
+
+__all__ = ["Callback", "check_callback", "sort_callbacks", "dispatch_table"]
+
+_PREFIXES = ("before", "after")
+
+
+def _squash(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+_SQUASHED = {_squash(e): e for e in EVENTS}
+
+
+class Callback:
+    """Base class for callbacks: define methods named after events, e.g. `after_batch`.
+
+    Hooks are called as `hook(learn, **context)`; swallow what you don't use with
+    `def after_batch(self, learn, *args, **kwargs)`. Callbacks run in ascending `order`,
+    ties in the order they were attached.
+
+    Example:
+        >>> class PrintEpoch(Callback):
+        ...     def after_epoch(self, learn, epoch, **kwargs):
+        ...         print("finished epoch", epoch)
+    """
+
+    order: int = 0
+
+    @property
+    def name(self) -> str:
+        """The class name, used in messages."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"{self.name}(order={self.order})"
+
+
+def _nearest_event(name: str) -> str | None:
+    """The event `name` most likely meant, or None if it looks like no event."""
+    squashed = _squash(name)
+    if squashed in _SQUASHED:
+        return _SQUASHED[squashed]
+    close = difflib.get_close_matches(squashed, list(_SQUASHED), n=1, cutoff=0.8)
+    if close:
+        return _SQUASHED[close[0]]
+    if name.lower().startswith(_PREFIXES):
+        close = difflib.get_close_matches(squashed, list(_SQUASHED), n=1, cutoff=0.5)
+        return _SQUASHED[close[0]] if close else EVENTS[0]
+    return None
+
+
+def _check_signature(cb: Any, event: str) -> None:
+    hook = getattr(cb, event)
+    if not callable(hook):
+        raise TypeError(f"{type(cb).__name__}.{event} is not callable: hooks must be methods.")
+    context = EVENT_CONTEXT[event]
+    try:
+        sig = inspect.signature(hook)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    try:
+        sig.bind(object(), **{key: None for key in context})
+    except TypeError as e:
+        args = ", ".join(["learn"] + [f"{k}=..." for k in context])
+        raise TypeError(
+            f"{type(cb).__name__}.{event}{sig} cannot be called as {event}({args}) ({e}). "
+            f"Define it as `def {event}(self, learn, *args, **kwargs)`."
+        ) from None
+
+
+def check_callback(cb: Any) -> None:
+    """Raise if `cb` is not a usable callback instance: a class, a misspelled hook, a bad signature."""
+    if isinstance(cb, type):
+        raise TypeError(
+            f"Got the class {cb.__name__}, not an instance: pass {cb.__name__}() instead."
+        )
+    if not hasattr(cb, "order"):
+        raise TypeError(
+            f"{cb!r} ({type(cb).__name__}) is not a callback: subclass learnloop.Callback "
+            "and name its methods after events (before_fit, after_batch, ...)."
+        )
+    for name in dir(type(cb)):
+        if name.startswith("_"):
+            continue
+        if name in EVENT_CONTEXT:
+            _check_signature(cb, name)
+            continue
+        nearest = _nearest_event(name)
+        if nearest is not None and callable(getattr(type(cb), name, None)):
+            raise ValueError(
+                f"{type(cb).__name__}.{name} looks like an event but is not one: "
+                f"did you mean {nearest}? Valid events: {', '.join(EVENTS)}."
+            )
+
+
+def sort_callbacks(cbs: Iterable[Any]) -> list[Any]:
+    """Callbacks in ascending `order`; ties keep the given order (sorted() is stable)."""
+    return sorted(cbs, key=lambda cb: cb.order)
+
+
+def dispatch_table(cbs: Iterable[Any]) -> dict[str, list[tuple[Any, Callable[..., Any]]]]:
+    """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order."""
+    table: dict[str, list[tuple[Any, Callable[..., Any]]]] = {}
+    for cb in sort_callbacks(cbs):
+        for event in EVENTS:
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                table.setdefault(event, []).append((cb, hook))
+    return table

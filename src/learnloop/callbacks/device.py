@@ -1,0 +1,67 @@
+"""`DeviceCB`: puts the model on a device once and moves every batch there."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .core import Callback
+
+__all__ = ["DeviceCB", "default_device", "to_device"]
+
+
+def default_device() -> torch.device:
+    """cuda if available, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
+    """Move tensors in `obj` (nested tuples, lists and dicts too) to `device`; other values pass through."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return type(obj)({k: to_device(v, device, non_blocking) for k, v in obj.items()})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(to_device(v, device, non_blocking) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+    return obj
+
+
+class DeviceCB(Callback):
+    """Move the model to `device` (default: cuda, then mps, then cpu) and each batch with it.
+
+    Batches move with `non_blocking=True`, so pinned-memory loaders overlap the copy with compute.
+
+    Example:
+        >>> learn = Learner(model, dls, cbs=[DeviceCB("cpu")])  # doctest: +SKIP
+    """
+
+    order = -20
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+
+    def _place_model(self, learn: Any) -> None:
+        first = next(learn.model.parameters(), None)
+        if first is None or first.device != self.device:
+            learn.model.to(self.device)
+
+    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._place_model(learn)
+
+    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._place_model(learn)  # validate()/get_preds() run without before_fit
+
+    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        learn.batch = to_device(learn.batch, self.device)
+
+    def __repr__(self) -> str:
+        return f"DeviceCB(device={str(self.device)!r})"

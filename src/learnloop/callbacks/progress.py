@@ -1,0 +1,173 @@
+"""`ProgressCB`: tqdm bars for epochs and batches, and the per-epoch table of metrics.
+
+On a terminal: an epoch bar, a batch bar with the running loss, and the table above them.
+In a notebook: tqdm's widget and, with `plot=True`, a live loss plot. Where the output is
+not a terminal (CI logs, `> file`): no bars and no carriage returns, one line per epoch.
+The running loss is read (a host sync) only when the bar's refresh interval has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import IO, Any
+
+from .core import Callback
+
+__all__ = ["ProgressCB", "format_row", "in_notebook"]
+
+log = logging.getLogger(__name__)
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    shell = ipython.get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _fmt(key: str, value: Any) -> str:
+    if key == "time" and isinstance(value, float):
+        return f"{value:.1f}s" if value < 60 else f"{int(value // 60)}:{int(value % 60):02d}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_row(row: dict[str, Any], widths: list[int]) -> str:
+    """Right-align each value of `row` in its column of `widths`."""
+    return "  ".join(_fmt(k, v).rjust(w) for (k, v), w in zip(row.items(), widths))
+
+
+class ProgressCB(Callback):
+    """Progress bars and a per-epoch table of `learn.epoch_log`.
+
+    Args:
+        plot: in a notebook, redraw the loss plot live (needs a Recorder).
+        file: where to write (default: sys.stdout at fit time).
+        bar: force the bars on or off; None shows them on a terminal or in a notebook.
+        mininterval: seconds between bar refreshes (and running-loss reads).
+
+    Example:
+        >>> learn = Learner(model, dls, cbs=[ProgressCB(plot=True)])  # doctest: +SKIP
+    """
+
+    order = 60
+
+    def __init__(
+        self, plot: bool = False, file: IO[str] | None = None, bar: bool | None = None, mininterval: float = 0.2
+    ) -> None:
+        self.plot, self.file, self.bar, self.mininterval = plot, file, bar, mininterval
+        self._epoch_bar: Any = None
+        self._batch_bar: Any = None
+        self._widths: list[int] | None = None
+        self._plot_handle: Any = None
+
+    def _tqdm(self) -> Any:
+        if self._notebook:
+            try:
+                import ipywidgets  # noqa: F401
+                from tqdm.notebook import tqdm
+
+                return tqdm
+            except ImportError:
+                pass
+        from tqdm import tqdm
+
+        return tqdm
+
+    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
+        self._out = self.file if self.file is not None else sys.stdout
+        self._notebook = in_notebook()
+        isatty = getattr(self._out, "isatty", lambda: False)()
+        self._bars = self.bar if self.bar is not None else (isatty or self._notebook)
+        self._widths = None
+        self._plot_handle = None
+        if self.plot and not self._notebook:
+            log.info("ProgressCB(plot=True) draws live plots only in a notebook; use learn.recorder.plot_loss().")
+        if self._bars:
+            self._epoch_bar = self._tqdm()(
+                total=n_epochs, initial=learn.epoch if n_epochs > learn.epoch else 0,
+                desc="epoch", file=self._out, mininterval=self.mininterval, dynamic_ncols=True,
+            )
+
+    def _start_batches(self, learn: Any, desc: str) -> None:
+        if not self._bars:
+            return
+        self._close_batch_bar()
+        self._batch_bar = self._tqdm()(
+            total=learn.n_iter, desc=desc, leave=False, file=self._out,
+            mininterval=self.mininterval, dynamic_ncols=True,
+        )
+        self._last = time.monotonic()
+
+    def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._start_batches(learn, "train")
+
+    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._start_batches(learn, "valid")
+
+    def after_batch(self, learn: Any, loss: Any, **kwargs: Any) -> None:
+        bar = self._batch_bar
+        if bar is None:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.mininterval and loss is not None:
+            self._last = now
+            bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+            if self.plot and self._notebook and learn.training:
+                self._draw(learn)
+        bar.update(1)
+
+    def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._close_batch_bar()
+
+    def after_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._close_batch_bar()
+
+    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        row = dict(learn.epoch_log)
+        if row:
+            if self._widths is None:
+                self._widths = [max(len(k), 9) for k in row]
+                self._write("  ".join(k.rjust(w) for k, w in zip(row, self._widths)))
+            self._write(format_row(row, self._widths))
+        if self._epoch_bar is not None:
+            self._epoch_bar.update(1)
+        if self.plot and self._notebook:
+            self._draw(learn)
+
+    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._close_batch_bar()
+        if self._epoch_bar is not None:
+            self._epoch_bar.close()
+            self._epoch_bar = None
+
+    def _close_batch_bar(self) -> None:
+        if self._batch_bar is not None:
+            self._batch_bar.close()
+            self._batch_bar = None
+
+    def _write(self, line: str) -> None:
+        if self._bars:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=self._out)
+        else:
+            print(line, file=self._out, flush=True)
+
+    def _draw(self, learn: Any) -> None:
+        try:
+            recorder = learn.recorder
+        except AttributeError:
+            return
+        from IPython.display import display
+
+        fig = recorder.plot_loss()
+        if self._plot_handle is None:
+            self._plot_handle = display(fig, display_id=True)
+        else:
+            self._plot_handle.update(fig)

@@ -1,0 +1,79 @@
+"""Load a `DatasetDict` from a name: the embedded digits, a local path, or a hub dataset.
+
+Local data always loads: parquet or arrow files, a folder of them, a `save_to_disk` folder, or
+an image folder (one sub-folder per class). A hub name loads when a network is there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+__all__ = ["load_data", "load_local"]
+
+_SPLIT_NAMES = ("train", "validation", "valid", "test")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_data(spec: str) -> DatasetDict:
+    """`'digits'` (embedded), a local path (see `load_local`), or a Hugging Face hub name."""
+    from datasets import load_dataset
+
+    from .embedded import load_digits
+
+    if spec == "digits":
+        return load_digits()
+    if Path(spec).exists():
+        return load_local(spec)
+    try:
+        return load_dataset(spec)
+    except Exception as e:
+        raise ValueError(
+            f"Could not load {spec!r}: it is not 'digits', not an existing local path, and loading it "
+            f"from the Hugging Face hub failed ({type(e).__name__}: {e}). Offline, pass a local "
+            "parquet/arrow file or folder, a save_to_disk folder, or an image folder."
+        ) from e
+
+
+def _split_files(folder: Path, suffix: str) -> dict[str, list[str]]:
+    files = sorted(folder.glob(f"*{suffix}"))
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        name = next((s for s in _SPLIT_NAMES if f.stem.startswith(s)), "train")
+        splits.setdefault(name, []).append(str(f))
+    return splits
+
+
+def load_local(path: str | Path) -> DatasetDict:
+    """A `DatasetDict` from a local parquet/arrow file or folder, `save_to_disk` folder or image folder.
+
+    In a folder of files, a file's split is its name's prefix (`train*.parquet`, `test*.parquet`,
+    `validation*.parquet`); files without one go to 'train'.
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"No such file or folder: {str(p)!r}.")
+    if p.is_file():
+        kind = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+        if p.suffix not in kind:
+            raise ValueError(f"Cannot load {p.name!r}: expected one of {', '.join(kind)} files.")
+        return load_dataset(kind[p.suffix], data_files={"train": str(p)})
+    if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
+        loaded = load_from_disk(str(p))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    for suffix, kind in ((".parquet", "parquet"), (".arrow", "arrow")):
+        splits = _split_files(p, suffix)
+        if splits:
+            return load_dataset(kind, data_files=splits)
+    if any(f.suffix.lower() in _IMAGE_SUFFIXES for f in p.rglob("*") if f.is_file()):
+        return load_dataset("imagefolder", data_dir=str(p))
+    raise ValueError(
+        f"Found no parquet, arrow or image files in {str(p)!r}, and it is not a save_to_disk folder."
+    )
+
+

@@ -1,0 +1,419 @@
+"""`Learner`: the training loop, its events, and the step pieces subclasses override.
+
+The loop knows nothing of devices, metrics, progress bars or schedules: those are callbacks
+that listen to the events in `learnloop.events`. The dispatch table (event -> bound hooks)
+is built once per fit, so an event nobody listens to costs one dict lookup per batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .callbacks.core import Callback, check_callback, dispatch_table, sort_callbacks
+from .data.loaders import DataLoaders
+from .events import (
+    EVENTS,
+    LEVELS,
+    CancelBackwardException,
+    CancelBatchException,
+    CancelException,
+    CancelFitException,
+    CancelStepException,
+)
+
+__all__ = ["Learner"]
+
+Hook = Callable[..., Any]
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    """Attach `note` to `e` once (shown under the traceback on Python >= 3.11)."""
+    if getattr(e, "_learnloop_noted", False):
+        return
+    if sys.version_info >= (3, 11):
+        e.add_note(note)
+    else:  # pragma: no cover - 3.10 has no add_note; keep the text where tools look for it
+        e.__notes__ = [*getattr(e, "__notes__", []), note]  # type: ignore[attr-defined]
+    e._learnloop_noted = True  # type: ignore[attr-defined]
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in x) + ")"
+    return type(x).__name__
+
+
+class Learner:
+    """Trains `model` on `dls` with `loss_func` and an optimizer made by `opt_func`.
+
+    Device placement, metrics, the recorder and the progress bar are default callbacks
+    (DeviceCB, MetricsCB, Recorder, ProgressCB); passing a callback of the same kind in
+    `cbs` replaces the default, and `default_cbs=False` attaches none of them.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from learnloop import DataLoaders, Learner
+        >>> ds = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        >>> dls = DataLoaders(DataLoader(ds, batch_size=16), DataLoader(ds, batch_size=32))
+        >>> learn = Learner(nn.Linear(4, 2), dls, default_cbs=False)
+        >>> learn.fit(1)
+    """
+
+    # Run state, documented so callbacks can rely on it.
+    model: nn.Module
+    dls: DataLoaders
+    loss_func: Callable[..., Tensor]
+    opt: torch.optim.Optimizer | None
+    cbs: list[Any]
+    n_epochs: int
+    epoch: int
+    iter: int
+    n_iter: int | None
+    training: bool
+    dl: Iterable[Any] | None
+    batch: Any
+    xb: Any
+    yb: Any
+    preds: Any
+    loss: Tensor | None
+    epoch_log: dict[str, Any]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dls: DataLoaders,
+        loss_func: Callable[..., Tensor] = F.cross_entropy,
+        lr: float = 1e-2,
+        cbs: Sequence[Any] | None = None,
+        opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        default_cbs: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if not (hasattr(dls, "train") and hasattr(dls, "valid")):
+            raise TypeError(
+                f"dls must have .train and .valid loaders, got {type(dls).__name__}: "
+                "wrap your loaders as DataLoaders(train_dl, valid_dl)."
+            )
+        if not callable(loss_func):
+            raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
+        _check_not_empty(dls.train, "train")
+        self.model, self.dls, self.loss_func = model, dls, loss_func
+        self.lr, self.opt_func = lr, opt_func
+        self.opt = None
+        self.cbs = []
+        self.n_epochs = self.epoch = self.iter = 0
+        self.n_iter = None
+        self.training = False
+        self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
+        self.epoch_log = {}
+        self._table: dict[str, list[tuple[Any, Hook]]] = {}
+        user_cbs = list(cbs or [])
+        for cb in user_cbs:
+            check_callback(cb)
+        defaults = _default_callbacks() if default_cbs else []
+        kept = [d for d in defaults if not any(isinstance(cb, type(d)) for cb in user_cbs)]
+        self.add_cbs(*kept, *user_cbs)
+
+    # ---------------------------------------------------------------- callbacks
+    def add_cbs(self, *cbs: Any) -> Learner:
+        """Attach callbacks (checked first: instances, hook names, hook signatures)."""
+        for cb in cbs:
+            check_callback(cb)
+        self.cbs = sort_callbacks([*self.cbs, *cbs])
+        self._table = dispatch_table(self.cbs)
+        return self
+
+    def remove_cbs(self, *cbs: Any) -> Learner:
+        """Detach callbacks that were attached with `cbs=` or `add_cbs`."""
+        for cb in cbs:
+            if not any(cb is c for c in self.cbs):
+                raise ValueError(f"{cb!r} is not attached to this Learner; attached: {self.cbs}.")
+        self.cbs = [c for c in self.cbs if not any(c is cb for cb in cbs)]
+        self._table = dispatch_table(self.cbs)
+        return self
+
+    @property
+    def recorder(self) -> Any:
+        """The attached `Recorder` (per-batch learning rates and losses)."""
+        from .callbacks.recorder import Recorder
+
+        for cb in self.cbs:
+            if isinstance(cb, Recorder):
+                return cb
+        raise AttributeError("No Recorder is attached: pass cbs=[Recorder()] to the Learner.")
+
+    def show_training_loop(self) -> None:
+        """Print, for each event, the callbacks that will run on it, in order."""
+        for event in EVENTS:
+            names = [cb.name if hasattr(cb, "name") else type(cb).__name__ for cb, _ in self._table.get(event, [])]
+            print(f"{event:<24} {', '.join(names) if names else '-'}")
+
+    def _fire(self, event: str, **context: Any) -> None:
+        for cb, hook in self._table.get(event, ()):
+            try:
+                hook(self, **context)
+            except CancelException:
+                raise
+            except Exception as e:
+                _add_note(e, f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).")
+                raise
+
+    def _where(self) -> str:
+        phase = "training" if self.training else "validation"
+        return f"epoch {self.epoch}, {phase} batch {self.iter}"
+
+    # ---------------------------------------------------------------- step pieces
+    def predict(self) -> None:
+        """Set `self.preds` from the model applied to `self.xb`."""
+        self.preds = self.model(self.xb)
+
+    def get_loss(self) -> None:
+        """Set `self.loss` from `loss_func(preds, yb)` (several targets are passed as several arguments)."""
+        if isinstance(self.yb, tuple):
+            self.loss = self.loss_func(self.preds, *self.yb)
+        else:
+            self.loss = self.loss_func(self.preds, self.yb)
+
+    def backward(self) -> None:
+        """Backpropagate `self.loss`."""
+        self.loss.backward()  # type: ignore[union-attr]
+
+    def step(self) -> None:
+        """Take an optimizer step."""
+        self.opt.step()  # type: ignore[union-attr]
+
+    def zero_grad(self) -> None:
+        """Reset the gradients (to None, as torch does by default)."""
+        self.opt.zero_grad()  # type: ignore[union-attr]
+
+    # ---------------------------------------------------------------- the loop
+    def fit(
+        self,
+        n_epochs: int = 1,
+        train: bool = True,
+        valid: bool = True,
+        cbs: Sequence[Any] | None = None,
+        lr: float | None = None,
+    ) -> None:
+        """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate."""
+        if not isinstance(n_epochs, int) or n_epochs < 0:
+            raise ValueError(f"n_epochs must be a non-negative int, got {n_epochs!r}.")
+        if lr is not None and lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
+        if train:
+            _check_not_empty(self.dls.train, "train")
+        extra = list(cbs or [])
+        self.add_cbs(*extra)
+        try:
+            self._prepare_opt(lr)
+            self.n_epochs = n_epochs
+            self._run_fit(n_epochs, train, valid and self.dls.valid is not None)
+        finally:
+            if extra:
+                self.remove_cbs(*extra)
+
+    def _prepare_opt(self, lr: float | None) -> None:
+        if lr is not None:
+            self.lr = lr
+        if self.opt is None:
+            self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
+        elif lr is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+
+    def _run_fit(self, n_epochs: int, train: bool, valid: bool) -> None:
+        try:
+            self._fire("before_fit", n_epochs=n_epochs)
+            for epoch in range(self.epoch if self._resuming else 0, n_epochs):
+                self.epoch = epoch
+                self._run_level("epoch", lambda: self._one_epoch(train, valid), epoch=epoch)
+        except CancelFitException as e:
+            self._fire("after_cancel_fit", exception=e)
+        except CancelException as e:
+            raise RuntimeError(
+                f"{type(e).__name__} was raised outside the level it cancels ({self._where()}); "
+                "raise it from a hook of that level (see learnloop.events)."
+            ) from e
+        finally:
+            self._resuming = False
+            self._fire("after_fit", n_epochs=n_epochs)
+
+    _resuming = False
+
+    def _run_level(self, level: str, body: Callable[[], None], **context: Any) -> None:
+        """before_<level>, body, after_<level>; the level's Cancel exception skips to after_cancel_<level>."""
+        try:
+            self._fire(f"before_{level}", **context)
+            body()
+        except LEVELS[level] as e:
+            self._fire(f"after_cancel_{level}", exception=e)
+        self._fire(f"after_{level}", **context)
+
+    def _one_epoch(self, train: bool, valid: bool) -> None:
+        if train:
+            self._one_phase(self.dls.train, training=True)
+        if valid:
+            self._one_phase(self.dls.valid, training=False)
+
+    def _one_phase(self, dl: Iterable[Any], training: bool) -> None:
+        self.training, self.dl = training, dl
+        self.n_iter = len(dl) if hasattr(dl, "__len__") else None
+        was_training = self.model.training
+        self.model.train(training)
+        try:
+            with torch.set_grad_enabled(training):
+                level = "train" if training else "validate"
+                self._run_level(level, lambda: self._all_batches(dl), epoch=self.epoch)
+        finally:
+            self.model.train(was_training or not training)
+
+    def _all_batches(self, dl: Iterable[Any]) -> None:
+        for i, batch in enumerate(dl):
+            self._one_batch(i, batch)
+
+    def _one_batch(self, i: int, batch: Any) -> None:
+        self.iter, self.batch = i, batch
+        fire = self._fire
+        try:
+            fire("before_batch", iter=i, batch=batch)
+            self._split_batch(self.batch)
+            self._guarded(self.predict, "the model's forward pass (predict)")
+            fire("after_pred", preds=self.preds)
+            self._guarded(self.get_loss, "the loss (get_loss)")
+            fire("after_loss", loss=self.loss)
+            if self.training:
+                self._backward_level()
+                self._step_level()
+                self.zero_grad()
+        except CancelBatchException as e:
+            fire("after_cancel_batch", exception=e)
+        fire("after_batch", iter=i, loss=self.loss)
+
+    def _backward_level(self) -> None:
+        loss = self.loss
+        try:
+            self._fire("before_backward", loss=loss)
+            self._guarded(self.backward, "the backward pass (backward)")
+        except CancelBackwardException as e:
+            self._fire("after_cancel_backward", exception=e)
+        self._fire("after_backward", loss=loss)
+
+    def _step_level(self) -> None:
+        try:
+            self._fire("before_step")
+            self.step()
+        except CancelStepException as e:
+            self._fire("after_cancel_step", exception=e)
+        self._fire("after_step")
+
+    def _guarded(self, piece: Callable[[], None], what: str) -> None:
+        try:
+            piece()
+        except CancelException:
+            raise
+        except Exception as e:
+            note = f"learnloop: raised in {what} ({self._where()}); inputs {_describe(self.xb)}"
+            if piece.__name__ != "predict":
+                note += f", preds {_describe(self.preds)}, targets {_describe(self.yb)}"
+            if piece.__name__ == "backward":
+                note += f", loss {_describe(self.loss)}"
+            _add_note(e, note + ".")
+            raise
+
+    def _split_batch(self, batch: Any) -> None:
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            self.xb = batch[0]
+            self.yb = batch[1] if len(batch) == 2 else tuple(batch[1:])
+            return
+        if isinstance(batch, dict):
+            raise TypeError(
+                f"Batches must be (inputs, targets) tuples, got a dict with keys {list(batch)}: "
+                "pass collate_fn=collate_dict(dataset) to the DataLoader, or use DataLoaders.from_dd."
+            )
+        raise TypeError(
+            f"Batches must be (inputs, targets) tuples or lists, got {_describe(batch)}: "
+            "yield (x, y) from your DataLoader, or override Learner.predict/get_loss."
+        )
+
+    # ---------------------------------------------------------------- inference
+    def validate(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> dict[str, Any]:
+        """Loss and metrics over `dl` (default `dls.valid`), without touching the weights.
+
+        Only the validation events fire (before_validate ... after_validate); the result is
+        what the metrics callback logged, e.g. `{'valid_loss': 0.31, 'accuracy': 0.9}`.
+        """
+        self.epoch_log = {}
+        self._evaluate(dl, list(cbs or []))
+        return dict(self.epoch_log)
+
+    def get_preds(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph."""
+        gather = _GatherPreds()
+        self._evaluate(dl, [gather, *(cbs or [])])
+        return gather.result()
+
+    def _evaluate(self, dl: Iterable[Any] | None, extra: list[Any]) -> None:
+        dl = self.dls.valid if dl is None else dl
+        if dl is None:
+            raise ValueError("No data to evaluate: dls.valid is None; pass dl=... .")
+        self.add_cbs(*extra)
+        try:
+            self._one_phase(dl, training=False)
+        finally:
+            if extra:
+                self.remove_cbs(*extra)
+
+    def __repr__(self) -> str:
+        return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
+
+
+class _GatherPreds(Callback):
+    """Collects detached CPU predictions and targets batch by batch (for `get_preds`)."""
+
+    order = 100
+
+    def __init__(self) -> None:
+        self.preds: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def after_loss(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self.preds.append(learn.preds.detach().cpu())
+        self.targets.append(learn.yb.detach().cpu())
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        if not self.preds:
+            raise ValueError("get_preds saw no batches: the loader is empty.")
+        return torch.cat(self.preds), torch.cat(self.targets)
+
+
+def _check_not_empty(dl: Any, name: str) -> None:
+    if dl is None:
+        raise ValueError(f"dls.{name} is None: a Learner needs a {name} DataLoader.")
+    if hasattr(dl, "__len__") and len(dl) == 0:
+        raise ValueError(
+            f"dls.{name} is empty (0 batches): check the dataset's length, and that batch_size "
+            "is not larger than the dataset while drop_last=True."
+        )
+
+
+def _default_callbacks() -> list[Callback]:
+    # Imported here: callback modules import learnloop.events, and the defaults stay swappable.
+    from .callbacks.device import DeviceCB
+    from .callbacks.metrics import MetricsCB
+    from .callbacks.progress import ProgressCB
+    from .callbacks.recorder import Recorder
+
+    return [DeviceCB(), MetricsCB(), Recorder(), ProgressCB()]
