@@ -1,6 +1,43 @@
-"""Data: DataLoaders, the embedded dataset and (see the Data issue) Hugging Face glue."""
+"""Data: DataLoaders, Hugging Face glue (per item and batched), local sources, image plots.
 
+The plotting names (`show_image`, `subplots`, `get_grid`, `show_images`) load matplotlib on
+first use, so `import learnloop` stays light.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from .batched import BatchedDataset, batched_loader, decode_images
 from .embedded import load_digits
+from .hf import collate_dict, inplace
 from .loaders import DataLoaders
+from .sources import load_data, load_local
+from .transforms import Normalize, RandomCrop, RandomFlip
 
-__all__ = ["DataLoaders", "load_digits"]
+__all__ = [
+    "BatchedDataset",
+    "DataLoaders",
+    "Normalize",
+    "RandomCrop",
+    "RandomFlip",
+    "batched_loader",
+    "collate_dict",
+    "decode_images",
+    "get_grid",
+    "inplace",
+    "load_data",
+    "load_digits",
+    "load_local",
+    "show_image",
+    "show_images",
+    "subplots",
+]
+
+_PLOTTING = ("get_grid", "show_image", "show_images", "subplots")
+
+
+def __getattr__(name: str) -> Any:
+    """Load the plotting names (and matplotlib) on first access."""
+    if name in _PLOTTING:
+        return getattr(import_module(".plotting", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,21 @@
-"""`DataLoaders`: the pair of training and validation loaders a `Learner` iterates over."""
+"""`DataLoaders`: the pair of training and validation loaders a `Learner` iterates over.
+
+Built directly from two loaders, from two datasets (`from_datasets`), or from a Hugging Face
+`DatasetDict` (`from_dd`), per item (`collate_dict`) or batched (`learnloop.data.batched`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["DataLoaders"]
+from torch.utils.data import DataLoader
+
+from .hf import check_transform, class_names, collate_dict
+
+__all__ = ["DataLoaders", "VALID_SPLITS"]
+
+VALID_SPLITS = ("validation", "valid", "test")
 
 
 class DataLoaders:
@@ -29,6 +39,95 @@ class DataLoaders:
                 )
         self.train = train
         self.valid = valid
+
+    @classmethod
+    def from_datasets(
+        cls, train_ds: Any, valid_ds: Any, batch_size: int, collate_fn: Callable[..., Any] | None = None,
+        **dl_kwargs: Any,
+    ) -> DataLoaders:
+        """Loaders over `train_ds` (shuffled) and `valid_ds` (batch size doubled); `dl_kwargs` go to both.
+
+        Hugging Face datasets get `collate_dict(train_ds)` when `collate_fn` is None, so batches
+        are tuples. `drop_last` applies to the training loader only (validation sees every row).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if collate_fn is None and hasattr(train_ds, "features"):
+            collate_fn = collate_dict(train_ds)
+        train_ds, valid_ds = check_transform(train_ds), check_transform(valid_ds)
+        drop_last = dl_kwargs.pop("drop_last", False)
+        train = DataLoader(
+            train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, collate_fn=collate_fn, **dl_kwargs
+        )
+        valid = DataLoader(valid_ds, batch_size=batch_size * 2, collate_fn=collate_fn, **dl_kwargs)
+        return cls(train, valid)
+
+    @classmethod
+    def from_dd(
+        cls, dd: Any, batch_size: int, collate_fn: Callable[..., Any] | None = None, *, batched: bool = False,
+        batch_tfms: Sequence[Callable[..., Any]] | Callable[..., Any] | None = None,
+        train: str = "train", valid: str | None = None, num_proc: int | None = None, **dl_kwargs: Any,
+    ) -> DataLoaders:
+        """Loaders over the `train` and `valid` splits of a Hugging Face `DatasetDict`.
+
+        `valid` defaults to the first split named 'validation', 'valid' or 'test'. Per item
+        (`batched=False`), rows are collated by `collate_fn` (default `collate_dict(dd[train])`:
+        tuples in feature order) after any `with_transform` function. With `batched=True`, images
+        are decoded once and cached (`learnloop.data.batched`), the loader indexes whole batches,
+        and `batch_tfms` (functions of the batch dict) run on each batch; a transform with
+        `train_only = True` runs on the training loader only. DataLoader options pass through.
+
+        Example:
+            >>> from learnloop.data import load_digits
+            >>> dls = DataLoaders.from_dd(load_digits(), 64, batched=True)
+            >>> [tuple(t.shape) for t in next(iter(dls.valid))]
+            [(128, 8, 8), (128,)]
+        """
+        names = list(dd.keys()) if hasattr(dd, "keys") else None
+        if names is None:
+            raise TypeError(f"from_dd needs a DatasetDict (splits by name), got {type(dd).__name__}.")
+        valid = valid if valid is not None else next((s for s in VALID_SPLITS if s in names), None)
+        if valid is None:
+            raise ValueError(
+                f"No validation split: the DatasetDict has splits {names}; name one with valid=..., "
+                f"or split the data (dd['train'].train_test_split(test_size=0.1))."
+            )
+        for split in (train, valid):
+            if split not in names:
+                raise KeyError(f"No split named {split!r}: the DatasetDict has splits {names}.")
+        if not batched:
+            if batch_tfms is not None:
+                raise ValueError("batch_tfms needs batched=True; per item, use dd.with_transform(...) instead.")
+            collate_fn = collate_fn if collate_fn is not None else collate_dict(dd[train])
+            return cls.from_datasets(dd[train], dd[valid], batch_size, collate_fn, **dl_kwargs)
+        if collate_fn is not None:
+            raise ValueError(
+                "collate_fn and batched=True are mutually exclusive: the batched path yields tuples of "
+                "column tensors itself; put per-batch work in batch_tfms."
+            )
+        from .batched import BatchedDataset, batched_loader
+
+        tfms = list(batch_tfms) if isinstance(batch_tfms, Iterable) else [batch_tfms] if batch_tfms else []
+        train_ds = BatchedDataset.from_hf(dd[train], tfms, num_proc=num_proc)
+        valid_ds = BatchedDataset.from_hf(dd[valid], [t for t in tfms if not getattr(t, "train_only", False)], num_proc)
+        drop_last = dl_kwargs.pop("drop_last", False)
+        return cls(
+            batched_loader(train_ds, batch_size, shuffle=True, drop_last=drop_last, **dl_kwargs),
+            batched_loader(valid_ds, batch_size * 2, **dl_kwargs),
+        )
+
+    def show_batch(self, n: int = 9, **kwargs: Any) -> None:
+        """Show `n` images of a training batch, titled with their class names (from the ClassLabel feature)."""
+        from .plotting import show_images
+
+        batch = next(iter(self.train))
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError(f"show_batch needs (images, labels) batches, got {type(batch).__name__}.")
+        x, y = batch[0][:n], batch[1][:n]
+        names = class_names(getattr(getattr(self.train, "dataset", None), "features", None))
+        labels = y.tolist() if hasattr(y, "tolist") else list(y)
+        titles = [names[int(v)] if names and float(v).is_integer() else str(v) for v in labels]
+        show_images(x, titles=titles, **kwargs)
 
     def __repr__(self) -> str:
         def size(dl: Any) -> str:

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 __all__ = ["load_data", "load_local"]
 
-_SPLIT_NAMES = ("train", "validation", "valid", "test")
+# File-name prefixes (or folder names) and the split each means, as the hub's own conventions.
+_SPLIT_NAMES = {
+    "train": "train", "training": "train", "validation": "validation", "valid": "validation",
+    "val": "validation", "dev": "validation", "test": "test", "testing": "test",
+}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -38,20 +42,31 @@ def load_data(spec: str) -> DatasetDict:
         ) from e
 
 
+def _split_of(f: Path, root: Path) -> str:
+    """The split `f` belongs to: its name's prefix (`train-00000-of-00002`), else a folder's name, else train."""
+    for part in [f.stem, *reversed(f.relative_to(root).parent.parts)]:
+        word = part.lower().replace("-", "_").split("_")[0]
+        if word in _SPLIT_NAMES:
+            return _SPLIT_NAMES[word]
+    return "train"
+
+
 def _split_files(folder: Path, suffix: str) -> dict[str, list[str]]:
-    files = sorted(folder.glob(f"*{suffix}"))
     splits: dict[str, list[str]] = {}
-    for f in files:
-        name = next((s for s in _SPLIT_NAMES if f.stem.startswith(s)), "train")
-        splits.setdefault(name, []).append(str(f))
+    for f in sorted(folder.rglob(f"*{suffix}")):
+        if f.name.startswith("cache-"):  # `datasets`' own cache files, not data
+            continue
+        splits.setdefault(_split_of(f, folder), []).append(str(f))
     return splits
 
 
 def load_local(path: str | Path) -> DatasetDict:
     """A `DatasetDict` from a local parquet/arrow file or folder, `save_to_disk` folder or image folder.
 
-    In a folder of files, a file's split is its name's prefix (`train*.parquet`, `test*.parquet`,
-    `validation*.parquet`); files without one go to 'train'.
+    In a folder of files (searched recursively), a file's split is its name's prefix
+    (`train-00000-of-00001.parquet`, `test.parquet`, `valid.parquet` -> 'validation') or the name
+    of a folder above it; files with neither go to 'train'. An image folder has one sub-folder per
+    class, optionally under `train/`, `test/` ... split folders.
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
@@ -60,9 +75,9 @@ def load_local(path: str | Path) -> DatasetDict:
         raise FileNotFoundError(f"No such file or folder: {str(p)!r}.")
     if p.is_file():
         kind = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-        if p.suffix not in kind:
+        if p.suffix.lower() not in kind:
             raise ValueError(f"Cannot load {p.name!r}: expected one of {', '.join(kind)} files.")
-        return load_dataset(kind[p.suffix], data_files={"train": str(p)})
+        return load_dataset(kind[p.suffix.lower()], data_files={"train": str(p)})
     if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
         loaded = load_from_disk(str(p))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
