@@ -31,15 +31,23 @@ def _columns(ds: Any) -> tuple[str, str]:
     return image, label
 
 
-def _tensors(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    image, label = _columns(ds)
-    cols = ds.with_format("torch", columns=[image, label])[:]
-    x = cols[image]
-    if x.dim() == 3:  # (N, H, W) -> (N, 1, H, W)
-        x = x.unsqueeze(1)
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # channels last -> first
-        x = x.permute(0, 3, 1, 2)
-    return x.float(), cols[label].long()
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Images as (N, C, H, W): add the channel axis of (N, H, W), move a trailing one of (N, H, W, C)."""
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return x.permute(0, 3, 1, 2)
+    return x
+
+
+class _ToXY:
+    """Batch transform: the image column as normalised (N, C, H, W) floats, then the labels."""
+
+    def __init__(self, image: str, label: str, norm: Any) -> None:
+        self.image, self.label, self.norm = image, label, norm
+
+    def __call__(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"x": self.norm({"image": _channels_first(b[self.image])})["image"], "y": b[self.label]}
 
 
 def train(
@@ -47,11 +55,10 @@ def train(
     out: str = "learnloop-run", threads: int | None = 1, seed: int = 0,
 ) -> dict[str, Any]:
     """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from .callbacks.metrics import Accuracy, MetricsCB
     from .data.loaders import DataLoaders
     from .data.sources import load_data
+    from .data.transforms import Normalize
     from .learner import Learner
     from .models import MODELS
 
@@ -61,21 +68,18 @@ def train(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dd = load_data(data)
-    valid_name = next((s for s in ("validation", "valid", "test") if s in dd), None)
-    if "train" not in dd or valid_name is None:
-        raise ValueError(f"{data!r} needs a 'train' split and a 'validation' or 'test' split; it has {list(dd)}.")
-    x_train, y_train = _tensors(dd["train"])
-    x_valid, y_valid = _tensors(dd[valid_name])
-    scale = 16.0 if float(x_train.max()) <= 16 else 255.0
-    mean, std = (x_train / scale).mean(), (x_train / scale).std()
-    x_train, x_valid = (x_train / scale - mean) / std, (x_valid / scale - mean) / std
-    n_classes = dd["train"].features[_columns(dd["train"])[1]].num_classes
+    if "train" not in dd:
+        raise ValueError(f"{data!r} needs a 'train' split; it has splits {list(dd)}.")
+    image, label = _columns(dd["train"])
+    # The batched path: images decoded once (cached), then whole batches indexed from tensors.
+    dls = DataLoaders.from_dd(dd.select_columns([image, label]), bs, batched=True)
+    x_train = _channels_first(dls.train.dataset.columns[image])
+    to_xy = _ToXY(image, label, Normalize.from_tensor(x_train))
+    for dl in (dls.train, dls.valid):
+        dl.dataset.tfms.append(to_xy)
+    n_classes = dd["train"].features[label].num_classes
     c, h, w = x_train.shape[1:]
     net = MODELS[model](n_in=c if model == "cnn" else c * h * w, n_out=n_classes)
-    dls = DataLoaders(
-        DataLoader(TensorDataset(x_train, y_train), batch_size=bs, shuffle=True),
-        DataLoader(TensorDataset(x_valid, y_valid), batch_size=bs * 2),
-    )
     learn = Learner(net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())])
     learn.fit(epochs)
     row = dict(learn.epoch_log)
@@ -106,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--epochs and --bs must be at least 1 and --lr positive")
     try:
         train(args.data, args.model, args.epochs, args.lr, args.bs, args.out, args.threads or None, args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"learnloop: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"learnloop: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,8 +22,11 @@ _SPLIT_NAMES = {
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_data(spec: str) -> DatasetDict:
-    """`'digits'` (embedded), a local path (see `load_local`), or a Hugging Face hub name."""
+def load_data(spec: str, cache_dir: str | None = None) -> DatasetDict:
+    """`'digits'` (embedded), a local path (see `load_local`), or a Hugging Face hub name.
+
+    `cache_dir` is where `datasets` keeps its Arrow cache (default: `~/.cache/huggingface/datasets`).
+    """
     from datasets import load_dataset
 
     from .embedded import load_digits
@@ -31,9 +34,9 @@ def load_data(spec: str) -> DatasetDict:
     if spec == "digits":
         return load_digits()
     if Path(spec).exists():
-        return load_local(spec)
+        return load_local(spec, cache_dir=cache_dir)
     try:
-        return load_dataset(spec)
+        return load_dataset(spec, cache_dir=cache_dir)
     except Exception as e:
         raise ValueError(
             f"Could not load {spec!r}: it is not 'digits', not an existing local path, and loading it "
@@ -60,13 +63,13 @@ def _split_files(folder: Path, suffix: str) -> dict[str, list[str]]:
     return splits
 
 
-def load_local(path: str | Path) -> DatasetDict:
+def load_local(path: str | Path, cache_dir: str | None = None) -> DatasetDict:
     """A `DatasetDict` from a local parquet/arrow file or folder, `save_to_disk` folder or image folder.
 
     In a folder of files (searched recursively), a file's split is its name's prefix
     (`train-00000-of-00001.parquet`, `test.parquet`, `valid.parquet` -> 'validation') or the name
     of a folder above it; files with neither go to 'train'. An image folder has one sub-folder per
-    class, optionally under `train/`, `test/` ... split folders.
+    class, optionally under `train/`, `test/` ... split folders. `cache_dir` is `datasets`' cache.
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
@@ -77,16 +80,16 @@ def load_local(path: str | Path) -> DatasetDict:
         kind = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
         if p.suffix.lower() not in kind:
             raise ValueError(f"Cannot load {p.name!r}: expected one of {', '.join(kind)} files.")
-        return load_dataset(kind[p.suffix.lower()], data_files={"train": str(p)})
+        return load_dataset(kind[p.suffix.lower()], data_files={"train": str(p)}, cache_dir=cache_dir)
     if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
         loaded = load_from_disk(str(p))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     for suffix, kind in ((".parquet", "parquet"), (".arrow", "arrow")):
         splits = _split_files(p, suffix)
         if splits:
-            return load_dataset(kind, data_files=splits)
+            return load_dataset(kind, data_files=splits, cache_dir=cache_dir)
     if any(f.suffix.lower() in _IMAGE_SUFFIXES for f in p.rglob("*") if f.is_file()):
-        return load_dataset("imagefolder", data_dir=str(p))
+        return load_dataset("imagefolder", data_dir=str(p), cache_dir=cache_dir)
     raise ValueError(
         f"Found no parquet, arrow or image files in {str(p)!r}, and it is not a save_to_disk folder."
     )

@@ -1,0 +1,78 @@
+"""Each example runs, on small or embedded data, for a few batches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from image_helpers import image_dataset
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def load(name: str) -> ModuleType:
+    """Import examples/<name>.py as a module (without running it as a script)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "custom_callback"])
+def test_examples_are_scripts(name):
+    """Each example opens with a docstring showing its command and keeps its work in main()."""
+    module = load(name)
+    assert f"python examples/{name}.py" in module.__doc__ and callable(module.main)
+    assert len((EXAMPLES / f"{name}.py").read_text().splitlines()) <= 100
+
+
+def test_fashion_mnist(tmp_path, capsys):
+    """The Fashion-MNIST example trains on a local parquet copy, prints its table and writes the plot."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image_dataset(16).to_parquet(data / "train.parquet")
+    image_dataset(8).to_parquet(data / "test.parquet")
+    out = tmp_path / "loss.png"
+    accuracy = load("fashion_mnist").main(["--data", str(data), "--epochs", "1", "--bs", "4", "--limit", "8", "--out", str(out)])
+    assert 0 <= accuracy <= 1 and out.stat().st_size > 0
+    assert "valid_loss" in capsys.readouterr().out
+
+
+def test_custom_callback(capsys):
+    """The callbacks count batches, cancel the first two of each epoch and track the best epoch."""
+    seen = load("custom_callback").main(["--epochs", "1", "--bs", "256"])
+    assert seen["train_batches"] == 6 and seen["skipped"] == 2 and seen["best_epoch"][0] == 0
+
+
+def test_notebook_stored_without_outputs():
+    """The notebook is committed with no outputs or execution counts."""
+    nb = json.loads((EXAMPLES / "notebook.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
+
+
+def test_notebook_runs(tmp_path, monkeypatch):
+    """The notebook executes headless, top to bottom, on this interpreter's kernel."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    if importlib.util.find_spec("ipykernel") is None:
+        pytest.skip("ipykernel is not installed, so there is no kernel to run the notebook")
+    kernel_dir = tmp_path / "kernels" / "learnloop-test"
+    kernel_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "learnloop test", "language": "python", "env": {"PYTHONPATH": str(SRC)},
+    }
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    nb = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name="learnloop-test", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
