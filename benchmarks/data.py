@@ -57,7 +57,9 @@ def pil_to_tensor(b: dict[str, list[Any]]) -> None:
     b["image"] = [torch.from_numpy(np.array(im, dtype=np.uint8))[None] for im in b["image"]]
 
 
-def run(data: str, bs: int, epochs: int, num_proc: int | None, limit: int | None) -> tuple[list[tuple[str, float]], int]:
+def run(
+    data: str, bs: int, epochs: int, num_proc: int | None, limit: int | None
+) -> tuple[list[tuple[str, float]], int]:
     """Seconds per epoch (or per step) of each path, as (name, seconds) rows, and the train size."""
     with tempfile.TemporaryDirectory() as cache:
         dd = load_local(data, cache_dir=cache)
@@ -66,9 +68,19 @@ def run(data: str, bs: int, epochs: int, num_proc: int | None, limit: int | None
         train = dd["train"]
         rows = []
         pil = train.with_transform(pil_to_tensor)
-        rows.append(("per-item PIL transform", epoch_time(DataLoader(pil, bs, shuffle=True, collate_fn=collate_dict(train)))))
+        rows.append(
+            (
+                "per-item PIL transform",
+                epoch_time(DataLoader(pil, bs, shuffle=True, collate_fn=collate_dict(train))),
+            )
+        )
         fmt = train.with_format("torch")
-        rows.append(("per-item torch format", epoch_time(DataLoader(fmt, bs, shuffle=True, collate_fn=collate_dict(train)))))
+        rows.append(
+            (
+                "per-item torch format",
+                epoch_time(DataLoader(fmt, bs, shuffle=True, collate_fn=collate_dict(train))),
+            )
+        )
         decode, dls = timed(lambda: DataLoaders.from_dd(dd, bs, batched=True, num_proc=num_proc))
         first = epoch_time(dls.train)
         rows.append((f"batched: one-time decode of train+test (num_proc={num_proc or 1})", decode))
@@ -79,7 +91,12 @@ def run(data: str, bs: int, epochs: int, num_proc: int | None, limit: int | None
         x, y = dls.train.dataset.columns.values()
         tensors = DataLoader(TensorDataset(x, y), bs, shuffle=True)
         rows.append(("in-memory tensors (TensorDataset)", min(epoch_time(tensors) for _ in range(epochs))))
-        rows.append(("in-memory tensors, hand-written batch slicing", min(manual_epoch(x, y, bs) for _ in range(epochs))))
+        rows.append(
+            (
+                "in-memory tensors, hand-written batch slicing",
+                min(manual_epoch(x, y, bs) for _ in range(epochs)),
+            )
+        )
         return rows, len(train)
 
 
@@ -87,7 +104,10 @@ def table(rows: list[tuple[str, float]], n: int) -> str:
     """The rows as a Markdown table, with ratios against in-memory tensors and per-item PIL."""
     times = dict(rows)
     base, pil = times["in-memory tensors (TensorDataset)"], times["per-item PIL transform"]
-    lines = [f"| path ({n:,} images) | seconds | images/s | vs in-memory | PIL / this |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"| path ({n:,} images) | seconds | images/s | vs in-memory | PIL / this |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, t in rows:
         per_epoch = "epoch" in name or "per-item" in name or "in-memory" in name or "hand-written" in name
         rest = f"{n / t:,.0f} | {t / base:.2f}x | {pil / t:.1f}x" if per_epoch else "- | - | -"
@@ -97,7 +117,9 @@ def table(rows: list[tuple[str, float]], n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT), help="Fashion-MNIST parquet folder (or any image dataset)")
+    parser.add_argument(
+        "--data", default=str(DEFAULT), help="Fashion-MNIST parquet folder (or any image dataset)"
+    )
     parser.add_argument("--bs", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed for the steady paths (best kept)")
     parser.add_argument("--num-proc", type=int, default=None, help="processes for the one-time decode")

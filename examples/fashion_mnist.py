@@ -15,9 +15,20 @@ from collections.abc import Sequence
 
 import torch
 
-from learnloop import Accuracy, Learner, MetricsCB, ProgressCB
-from learnloop.data import DataLoaders, Normalize, RandomCrop, load_data
+from learnloop import Accuracy, Callback, Learner, MetricsCB, ProgressCB
+from learnloop.data import DataLoaders, Normalize, load_data
 from learnloop.models import simple_cnn
+
+
+class OneCycle(Callback):
+    """torch's one-cycle learning-rate schedule, peaking at the Learner's lr (steps after each step)."""
+
+    def before_fit(self, learn, n_epochs: int, **kwargs) -> None:
+        steps = max(1, n_epochs * len(learn.dls.train))
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(learn.opt, max_lr=learn.lr, total_steps=steps)
+
+    def after_step(self, learn, *args, **kwargs) -> None:
+        self.sched.step()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -25,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default="zalando-datasets/fashion_mnist", help="hub name or local folder")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--bs", type=int, default=128, help="batch size")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default="fashion_mnist_loss.png", help="where to write the loss plot")
@@ -42,13 +53,14 @@ def main(argv: Sequence[str] | None = None) -> float:
     dd = load_data(args.data)
     if args.limit:
         dd = type(dd)({name: split.select(range(min(args.limit, len(split)))) for name, split in dd.items()})
-    # Per-channel stats of the uint8 training images; a 1-pixel random shift augments training only.
-    images = DataLoaders.from_dd(dd, args.bs, batched=True).train.dataset.columns["image"]
-    tfms = [Normalize.from_tensor(images), RandomCrop(padding=1)]
-    dls = DataLoaders.from_dd(dd, args.bs, batched=True, batch_tfms=tfms)
+    # Decoded once (cached); normalised with the per-channel stats of the uint8 training images.
+    dls = DataLoaders.from_dd(dd, args.bs, batched=True)
+    images = dls.train.dataset.columns["image"]
+    for dl in (dls.train, dls.valid):
+        dl.dataset.tfms.append(Normalize.from_tensor(images))
     n_classes = dd["train"].features["label"].num_classes
     model = simple_cnn(n_in=images.shape[1], n_out=n_classes, widths=(8, 16, 32, 64))
-    cbs = [MetricsCB(Accuracy()), ProgressCB()]
+    cbs = [MetricsCB(Accuracy()), ProgressCB(), OneCycle()]
     learn = Learner(model, dls, lr=args.lr, opt_func=torch.optim.AdamW, cbs=cbs)
     learn.fit(args.epochs)
     accuracy = learn.epoch_log["accuracy"]

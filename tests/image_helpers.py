@@ -15,5 +15,6 @@ def image_dataset(n: int = 10, size: tuple[int, int] = (6, 5), mode: str = "L", 
         color = (i * 20, 255 - i * 20, 7) if mode == "RGB" else i * 20
         images.append(Image.new(mode, (w + (i == odd), h), color=color))
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
-    return datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, features=features)
-
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 2 for i in range(n)]}, features=features
+    )

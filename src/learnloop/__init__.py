@@ -5,6 +5,7 @@ from .callbacks.device import DeviceCB, default_device, to_device
 from .callbacks.metrics import Accuracy, MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
+from .data.hf import collate_dict, inplace
 from .data.loaders import DataLoaders
 from .events import (
     EVENTS,
@@ -39,6 +40,8 @@ __all__ = [
     "MetricsCB",
     "ProgressCB",
     "Recorder",
+    "collate_dict",
     "default_device",
+    "inplace",
     "to_device",
 ]

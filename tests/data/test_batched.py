@@ -32,22 +32,33 @@ class TestDecodeImages:
         """A dataset built in memory is decoded in memory: no cache files appear."""
         assert decode_images(image_dataset(3)).cache_files == []
 
-    def test_cached_across_processes(self, png_dir):
+    def test_cached_across_processes(self, png_dir, tmp_path):
         """A second process loads the decoded images from the cache instead of decoding again."""
-        first = decode_images(load_local(png_dir)["train"]).cache_files[0]["filename"]
+        cache = str(tmp_path / "hf-cache")
+        first = decode_images(load_local(png_dir, cache_dir=cache)["train"]).cache_files[0]["filename"]
+        assert first.startswith(cache)
         mtime = os.stat(first).st_mtime_ns
         code = (
             "from learnloop.data import decode_images, load_local; import sys; "
-            "print(decode_images(load_local(sys.argv[1])['train']).cache_files[0]['filename'])"
+            "print(decode_images(load_local(sys.argv[1], cache_dir=sys.argv[2])['train']).cache_files[0]['filename'])"
         )
         env = {**os.environ, "PYTHONPATH": SRC}
-        out = subprocess.run([sys.executable, "-c", code, str(png_dir)], capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(png_dir), cache],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == first and os.stat(first).st_mtime_ns == mtime
 
     def test_different_sizes(self):
         """Images of different sizes fail naming the image and both shapes."""
-        with pytest.raises(ValueError, match=r"image 2 \(item 2 of its batch\) has shape \(1, 5, 7\).*image 0 has \(1, 5, 6\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"image 2 \(item 2 of its batch\) has shape \(1, 5, 7\).*image 0 has \(1, 5, 6\)",
+        ):
             decode_images(image_dataset(4, size=(6, 5), odd=2))
 
     def test_no_images_unchanged(self, hf_dataset):
@@ -97,7 +108,9 @@ class TestBatchedDataset:
 
 
 class TestBatchedLoader:
-    @pytest.mark.parametrize(("shuffle", "drop_last", "n_batches"), [(False, False, 3), (True, False, 3), (True, True, 2)])
+    @pytest.mark.parametrize(
+        ("shuffle", "drop_last", "n_batches"), [(False, False, 3), (True, False, 3), (True, True, 2)]
+    )
     def test_epoch(self, shuffle, drop_last, n_batches):
         """One epoch visits every row once, in whole batches, shuffled if asked."""
         bds = BatchedDataset({"i": torch.arange(10)})
@@ -112,3 +125,15 @@ class TestBatchedLoader:
         bds = BatchedDataset({"i": torch.arange(10)})
         dl = batched_loader(bds, 5, num_workers=1)
         assert [b[0].tolist() for b in dl] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def test_with_transform_refused(hf_dataset):
+    """A per-item transform is not silently dropped by the batched path: it is refused, pointing at batch_tfms."""
+    with pytest.raises(ValueError, match="with_transform.*batch_tfms"):
+        BatchedDataset.from_hf(hf_dataset.with_transform(lambda b: b))
+
+
+def test_formatted_image_dataset():
+    """An image dataset already in torch format decodes all the same."""
+    x, _ = BatchedDataset.from_hf(image_dataset(3).with_format("torch"))[[0, 1, 2]]
+    assert x.shape == (3, 1, 5, 6) and x.dtype == torch.uint8

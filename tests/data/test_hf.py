@@ -47,7 +47,9 @@ class TestCollateDict:
     def test_different_sizes(self):
         """Items of different shapes fail naming the item's position and both shapes."""
         rows = [{"x": torch.zeros(1, 4, 4)}, {"x": torch.zeros(1, 4, 4)}, {"x": torch.zeros(1, 5, 4)}]
-        with pytest.raises(ValueError, match=r"item 2 of the batch has shape \(1, 5, 4\), but item 0 has \(1, 4, 4\)"):
+        with pytest.raises(
+            ValueError, match=r"item 2 of the batch has shape \(1, 5, 4\), but item 0 has \(1, 4, 4\)"
+        ):
             collate_dict(columns=["x"])(rows)
 
     def test_pil_images(self):

@@ -17,7 +17,9 @@ datasets = pytest.importorskip("datasets")
 @pytest.fixture
 def dd(hf_dataset):
     """A DatasetDict of 30 train and 12 test rows (8x8 uint8 images, 3 classes)."""
-    return datasets.DatasetDict(train=hf_dataset.with_format("torch"), test=hf_dataset.select(range(12)).with_format("torch"))
+    return datasets.DatasetDict(
+        train=hf_dataset.with_format("torch"), test=hf_dataset.select(range(12)).with_format("torch")
+    )
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -44,7 +46,9 @@ class TestFromDD:
 
     def test_options_pass_through(self, dd, batched):
         """DataLoader options reach the loaders; drop_last applies to training only."""
-        dls = DataLoaders.from_dd(dd, 8, batched=batched, drop_last=True, num_workers=1, persistent_workers=True)
+        dls = DataLoaders.from_dd(
+            dd, 8, batched=batched, drop_last=True, num_workers=1, persistent_workers=True
+        )
         assert dls.train.num_workers == dls.valid.num_workers == 1 and dls.train.persistent_workers
         assert len(dls.train) == 3 and len(dls.valid) == 1
         assert sum(len(b[1]) for b in dls.valid) == 12
@@ -70,9 +74,9 @@ def test_argument_conflicts(dd):
         DataLoaders.from_dd(dd["train"], 4)
 
 
-def test_batched_images_from_files(png_dir):
+def test_batched_images_from_files(png_dir, tmp_path):
     """PNG images from parquet files arrive decoded as uint8 (N, 1, H, W) batches."""
-    dls = DataLoaders.from_dd(load_local(png_dir), 4, batched=True)
+    dls = DataLoaders.from_dd(load_local(png_dir, cache_dir=str(tmp_path / "cache")), 4, batched=True)
     x, y = next(iter(dls.valid))
     assert x.shape == (4, 1, 5, 6) and x.dtype == torch.uint8 and y.tolist() == [0, 1, 0, 1]
 
@@ -81,7 +85,9 @@ def test_different_sizes_per_item():
     """On the per-item path, images of different sizes in one batch fail naming the item and both shapes."""
     ds = image_dataset(4, odd=1).with_format("torch")
     dls = DataLoaders.from_dd(datasets.DatasetDict(train=ds, test=ds), 4)
-    with pytest.raises(ValueError, match=r"item 1 of the batch has shape \(1, 5, 7\), but item 0 has \(1, 5, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"item 1 of the batch has shape \(1, 5, 7\), but item 0 has \(1, 5, 6\)"
+    ):
         next(iter(dls.valid))
 
 

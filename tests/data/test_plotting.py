@@ -12,7 +12,7 @@ import torch
 
 plt = pytest.importorskip("matplotlib.pyplot")
 
-from learnloop.data import get_grid, show_image, show_images, subplots  # noqa: E402
+from learnloop.data import get_grid, show_image, show_images, subplots
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +47,12 @@ def test_show_image_pil_and_rescale():
     assert arr.min() == 0 and arr.max() == 1
 
 
-@pytest.mark.parametrize(("n", "kw", "grid"), [(10, {}, (3, 4)), (5, {"nrows": 1}, (5,)), (5, {"ncols": 2}, (3, 2))])
+@pytest.mark.parametrize(
+    ("n", "kw", "grid"), [(10, {}, (3, 4)), (5, {"nrows": 1}, (5,)), (5, {"ncols": 2}, (3, 2))]
+)
 def test_get_grid_holds_n(n, kw, grid):
     """The grid has room for n images; the unused axes are hidden."""
-    fig, axs = get_grid(n, **kw)
+    _fig, axs = get_grid(n, **kw)
     assert axs.shape == grid
     assert [ax.axison for ax in axs.flat] == [True] * n + [False] * (axs.size - n)
 
@@ -81,6 +83,8 @@ def test_delegated_signatures(f, name):
 
 def test_import_is_light():
     """Importing learnloop does not import matplotlib or datasets (they load when used)."""
-    code = "import sys, learnloop, learnloop.data; print('matplotlib' in sys.modules, 'datasets' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    code = (
+        "import sys, learnloop, learnloop.data; print('matplotlib' in sys.modules, 'datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr

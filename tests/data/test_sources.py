@@ -6,7 +6,7 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from learnloop.data import load_data, load_local  # noqa: E402
+from learnloop.data import load_data, load_local
 
 
 @pytest.fixture
@@ -27,8 +27,10 @@ def test_parquet_file(small, tmp_path):
     ("names", "splits"),
     [
         (["train.parquet", "test.parquet"], {"train": 12, "test": 12}),
-        (["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "valid.parquet"],
-         {"train": 24, "validation": 12}),
+        (
+            ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "valid.parquet"],
+            {"train": 24, "validation": 12},
+        ),
         (["data/train/part.parquet", "data/val/part.parquet"], {"train": 12, "validation": 12}),
     ],
 )

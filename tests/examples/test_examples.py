@@ -38,7 +38,9 @@ def test_fashion_mnist(tmp_path, capsys):
     image_dataset(16).to_parquet(data / "train.parquet")
     image_dataset(8).to_parquet(data / "test.parquet")
     out = tmp_path / "loss.png"
-    accuracy = load("fashion_mnist").main(["--data", str(data), "--epochs", "1", "--bs", "4", "--limit", "8", "--out", str(out)])
+    accuracy = load("fashion_mnist").main(
+        ["--data", str(data), "--epochs", "1", "--bs", "4", "--limit", "8", "--out", str(out)]
+    )
     assert 0 <= accuracy <= 1 and out.stat().st_size > 0
     assert "valid_loss" in capsys.readouterr().out
 
@@ -66,12 +68,16 @@ def test_notebook_runs(tmp_path, monkeypatch):
     kernel_dir.mkdir(parents=True)
     spec = {
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "learnloop test", "language": "python", "env": {"PYTHONPATH": str(SRC)},
+        "display_name": "learnloop test",
+        "language": "python",
+        "env": {"PYTHONPATH": str(SRC)},
     }
     (kernel_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     nb = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name="learnloop-test", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name="learnloop-test", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

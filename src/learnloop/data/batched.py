@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .hf import returned_none
 
-__all__ = ["BatchedDataset", "decode_images", "batched_loader"]
+__all__ = ["BatchedDataset", "batched_loader", "decode_images"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def _open(item: Mapping[str, Any], mode: str) -> np.ndarray:
 
 
 def _decode_batch(
-    batch: dict[str, list[Any]], indices: list[int], columns: list[str], modes: list[str],
+    batch: dict[str, list[Any]],
+    indices: list[int],
+    columns: list[str],
+    modes: list[str],
     shapes: list[tuple[int, ...]],
 ) -> dict[str, np.ndarray]:
     """`Dataset.map` function: decode the image `columns` of `batch` into `(B, C, H, W)` uint8 arrays."""
@@ -80,14 +83,16 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     columns = [k for k, f in ds.features.items() if isinstance(f, Image)]
     if not columns or len(ds) == 0:
         return ds
-    raw = ds
+    raw = ds.with_format(None)  # map's function must see raw {'bytes', 'path'} dicts, not formatted ones
     for col in columns:
         raw = raw.cast_column(col, Image(decode=False))
     first = raw[0]
     modes, shapes = [], []
     for col in columns:
         item = first[col]
-        with PILImage.open(io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]) as im:
+        with PILImage.open(
+            io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
+        ) as im:
             mode = ds.features[col].mode or ("RGB" if im.mode in ("P", "CMYK", "YCbCr") else im.mode)
         modes.append(mode)
         shapes.append(_open(item, mode).shape)
@@ -96,10 +101,17 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
         features[col] = Array3D(shape=shape, dtype="uint8")
     in_memory = not ds.cache_files
     if in_memory:
-        log.info("decode_images: the dataset has no cache files, so its %d images are decoded in memory.", len(ds))
+        log.info(
+            "decode_images: the dataset has no cache files, so its %d images are decoded in memory.", len(ds)
+        )
     return raw.map(
-        _decode_batch, batched=True, with_indices=True, features=features, num_proc=num_proc,
-        fn_kwargs={"columns": columns, "modes": modes, "shapes": shapes}, keep_in_memory=in_memory,
+        _decode_batch,
+        batched=True,
+        with_indices=True,
+        features=features,
+        num_proc=num_proc,
+        fn_kwargs={"columns": columns, "modes": modes, "shapes": shapes},
+        keep_in_memory=in_memory,
         desc="learnloop: decoding images (once; cached)",
     )
 
@@ -144,7 +156,9 @@ class BatchedDataset(Dataset):
     """
 
     def __init__(
-        self, columns: Mapping[str, Tensor], tfms: Sequence[BatchTfm] | BatchTfm | None = None,
+        self,
+        columns: Mapping[str, Tensor],
+        tfms: Sequence[BatchTfm] | BatchTfm | None = None,
         features: Mapping[str, Any] | None = None,
     ) -> None:
         lengths = {name: len(t) for name, t in columns.items()}
@@ -160,6 +174,12 @@ class BatchedDataset(Dataset):
         cls, ds: Any, tfms: Sequence[BatchTfm] | BatchTfm | None = None, num_proc: int | None = None
     ) -> BatchedDataset:
         """Decode `ds`'s images once (see `decode_images`) and hold its columns as tensors."""
+        if ds.format.get("type") == "custom":
+            raise ValueError(
+                "The dataset has a with_transform function, which the batched path does not apply (it reads "
+                "the stored columns): pass batch_tfms=[...] (functions of the batch dict) instead, or "
+                "use batched=False."
+            )
         decoded = decode_images(ds, num_proc=num_proc)
         table = decoded.with_format("arrow")[:]
         columns = {name: _column_tensor(decoded, table, name) for name in decoded.features}
@@ -182,7 +202,10 @@ class BatchedDataset(Dataset):
         return tuple(b.values())
 
     def __repr__(self) -> str:
-        cols = ", ".join(f"{k}: {tuple(v.shape[1:])} {str(v.dtype).removeprefix('torch.')}" for k, v in self.columns.items())
+        cols = ", ".join(
+            f"{k}: {tuple(v.shape[1:])} {str(v.dtype).removeprefix('torch.')}"
+            for k, v in self.columns.items()
+        )
         return f"BatchedDataset({self._len} rows; {cols})"
 
 

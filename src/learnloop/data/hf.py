@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["collate_dict", "inplace", "check_transform", "returned_none", "class_names"]
+__all__ = ["check_transform", "class_names", "collate_dict", "inplace", "returned_none"]
 
 
 def inplace(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -96,7 +96,9 @@ def _check_column(name: str, values: Sequence[Any]) -> None:
             )
 
 
-def collate_dict(ds: Any = None, columns: Sequence[str] | None = None) -> Callable[[list[Any]], tuple[Any, ...]]:
+def collate_dict(
+    ds: Any = None, columns: Sequence[str] | None = None
+) -> Callable[[list[Any]], tuple[Any, ...]]:
     """A collate function turning dict rows into a tuple of batched columns, in `ds.features` order.
 
     `columns` picks (and orders) the columns instead; the rows may hold others, which are dropped.

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .hf import check_transform, class_names, collate_dict
 
-__all__ = ["DataLoaders", "VALID_SPLITS"]
+__all__ = ["VALID_SPLITS", "DataLoaders"]
 
 VALID_SPLITS = ("validation", "valid", "test")
 
@@ -42,7 +42,11 @@ class DataLoaders:
 
     @classmethod
     def from_datasets(
-        cls, train_ds: Any, valid_ds: Any, batch_size: int, collate_fn: Callable[..., Any] | None = None,
+        cls,
+        train_ds: Any,
+        valid_ds: Any,
+        batch_size: int,
+        collate_fn: Callable[..., Any] | None = None,
         **dl_kwargs: Any,
     ) -> DataLoaders:
         """Loaders over `train_ds` (shuffled) and `valid_ds` (batch size doubled); `dl_kwargs` go to both.
@@ -57,16 +61,29 @@ class DataLoaders:
         train_ds, valid_ds = check_transform(train_ds), check_transform(valid_ds)
         drop_last = dl_kwargs.pop("drop_last", False)
         train = DataLoader(
-            train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, collate_fn=collate_fn, **dl_kwargs
+            train_ds,
+            batch_size=batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            collate_fn=collate_fn,
+            **dl_kwargs,
         )
         valid = DataLoader(valid_ds, batch_size=batch_size * 2, collate_fn=collate_fn, **dl_kwargs)
         return cls(train, valid)
 
     @classmethod
     def from_dd(
-        cls, dd: Any, batch_size: int, collate_fn: Callable[..., Any] | None = None, *, batched: bool = False,
+        cls,
+        dd: Any,
+        batch_size: int,
+        collate_fn: Callable[..., Any] | None = None,
+        *,
+        batched: bool = False,
         batch_tfms: Sequence[Callable[..., Any]] | Callable[..., Any] | None = None,
-        train: str = "train", valid: str | None = None, num_proc: int | None = None, **dl_kwargs: Any,
+        train: str = "train",
+        valid: str | None = None,
+        num_proc: int | None = None,
+        **dl_kwargs: Any,
     ) -> DataLoaders:
         """Loaders over the `train` and `valid` splits of a Hugging Face `DatasetDict`.
 
@@ -97,7 +114,9 @@ class DataLoaders:
                 raise KeyError(f"No split named {split!r}: the DatasetDict has splits {names}.")
         if not batched:
             if batch_tfms is not None:
-                raise ValueError("batch_tfms needs batched=True; per item, use dd.with_transform(...) instead.")
+                raise ValueError(
+                    "batch_tfms needs batched=True; per item, use dd.with_transform(...) instead."
+                )
             collate_fn = collate_fn if collate_fn is not None else collate_dict(dd[train])
             return cls.from_datasets(dd[train], dd[valid], batch_size, collate_fn, **dl_kwargs)
         if collate_fn is not None:
@@ -109,7 +128,9 @@ class DataLoaders:
 
         tfms = list(batch_tfms) if isinstance(batch_tfms, Iterable) else [batch_tfms] if batch_tfms else []
         train_ds = BatchedDataset.from_hf(dd[train], tfms, num_proc=num_proc)
-        valid_ds = BatchedDataset.from_hf(dd[valid], [t for t in tfms if not getattr(t, "train_only", False)], num_proc)
+        valid_ds = BatchedDataset.from_hf(
+            dd[valid], [t for t in tfms if not getattr(t, "train_only", False)], num_proc
+        )
         drop_last = dl_kwargs.pop("drop_last", False)
         return cls(
             batched_loader(train_ds, batch_size, shuffle=True, drop_last=drop_last, **dl_kwargs),

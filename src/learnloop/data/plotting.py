@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from fastcore.meta import delegates
 
-__all__ = ["show_image", "subplots", "get_grid", "show_images"]
+__all__ = ["get_grid", "show_image", "show_images", "subplots"]
 
 
 def _to_numpy(im: Any) -> np.ndarray:
@@ -38,8 +38,12 @@ def _to_numpy(im: Any) -> np.ndarray:
 
 @delegates(plt.Axes.imshow)
 def show_image(
-    im: Any, ax: plt.Axes | None = None, figsize: tuple[float, float] | None = None,
-    title: str | None = None, noframe: bool = True, **kwargs: Any,
+    im: Any,
+    ax: plt.Axes | None = None,
+    figsize: tuple[float, float] | None = None,
+    title: str | None = None,
+    noframe: bool = True,
+    **kwargs: Any,
 ) -> plt.Axes:
     """Show `im` (tensor, array or PIL image) on `ax` (a new figure if None), with an optional `title`."""
     im = _to_numpy(im)
@@ -59,8 +63,12 @@ def show_image(
 
 @delegates(plt.subplots, keep=True)
 def subplots(
-    nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, imsize: float = 3,
-    suptitle: str | None = None, **kwargs: Any,
+    nrows: int = 1,
+    ncols: int = 1,
+    figsize: tuple[float, float] | None = None,
+    imsize: float = 3,
+    suptitle: str | None = None,
+    **kwargs: Any,
 ) -> tuple[Any, np.ndarray]:
     """A figure and an array of axes, `imsize` inches per image unless `figsize` is given."""
     if figsize is None:
@@ -73,8 +81,13 @@ def subplots(
 
 @delegates(subplots)
 def get_grid(
-    n: int, nrows: int | None = None, ncols: int | None = None, title: str | None = None,
-    weight: str = "bold", size: int = 14, **kwargs: Any,
+    n: int,
+    nrows: int | None = None,
+    ncols: int | None = None,
+    title: str | None = None,
+    weight: str = "bold",
+    size: int = 14,
+    **kwargs: Any,
 ) -> tuple[Any, np.ndarray]:
     """A grid of axes for `n` images (near-square unless `nrows`/`ncols` say); unused axes hidden."""
     if n < 1:
@@ -98,8 +111,11 @@ def get_grid(
 
 @delegates(subplots)
 def show_images(
-    ims: Sequence[Any], nrows: int | None = None, ncols: int | None = None,
-    titles: Sequence[Any] | None = None, **kwargs: Any,
+    ims: Sequence[Any],
+    nrows: int | None = None,
+    ncols: int | None = None,
+    titles: Sequence[Any] | None = None,
+    **kwargs: Any,
 ) -> None:
     """Show images `ims` in a grid, each with its title from `titles`."""
     ims = list(ims)

@@ -16,8 +16,14 @@ __all__ = ["load_data", "load_local"]
 
 # File-name prefixes (or folder names) and the split each means, as the hub's own conventions.
 _SPLIT_NAMES = {
-    "train": "train", "training": "train", "validation": "validation", "valid": "validation",
-    "val": "validation", "dev": "validation", "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
 }
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -93,5 +99,3 @@ def load_local(path: str | Path, cache_dir: str | None = None) -> DatasetDict:
     raise ValueError(
         f"Found no parquet, arrow or image files in {str(p)!r}, and it is not a save_to_disk folder."
     )
-
-

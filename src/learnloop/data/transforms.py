@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Normalize", "RandomFlip", "RandomCrop"]
+__all__ = ["Normalize", "RandomCrop", "RandomFlip"]
 
 
 def _per_channel(v: float | Sequence[float]) -> Tensor:
@@ -30,7 +30,9 @@ class Normalize:
 
     train_only = False
 
-    def __init__(self, mean: float | Sequence[float], std: float | Sequence[float], key: str = "image") -> None:
+    def __init__(
+        self, mean: float | Sequence[float], std: float | Sequence[float], key: str = "image"
+    ) -> None:
         self.mean, self.std, self.key = _per_channel(mean), _per_channel(std), key
         if (self.std <= 0).any():
             raise ValueError(f"Normalize std must be positive, got {std}.")
@@ -39,7 +41,9 @@ class Normalize:
     def from_tensor(cls, x: Tensor, key: str = "image") -> Normalize:
         """Per-channel mean and std of a `(N, C, H, W)` batch of images `x` (e.g. the training images)."""
         if x.ndim != 4:
-            raise ValueError(f"Normalize.from_tensor expects (N, C, H, W) images, got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"Normalize.from_tensor expects (N, C, H, W) images, got shape {tuple(x.shape)}."
+            )
         x = x.float().transpose(0, 1).reshape(x.shape[1], -1)
         return cls(x.mean(dim=1).tolist(), x.std(dim=1).clamp_min(1e-6).tolist(), key)
 
