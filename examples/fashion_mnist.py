@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,11 +24,11 @@ from learnloop.models import simple_cnn
 class OneCycle(Callback):
     """torch's one-cycle learning-rate schedule, peaking at the Learner's lr (steps after each step)."""
 
-    def before_fit(self, learn, n_epochs: int, **kwargs) -> None:
+    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
         steps = max(1, n_epochs * len(learn.dls.train))
         self.sched = torch.optim.lr_scheduler.OneCycleLR(learn.opt, max_lr=learn.lr, total_steps=steps)
 
-    def after_step(self, learn, *args, **kwargs) -> None:
+    def after_step(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self.sched.step()
 
 
@@ -56,8 +57,9 @@ def main(argv: Sequence[str] | None = None) -> float:
     # Decoded once (cached); normalised with the per-channel stats of the uint8 training images.
     dls = DataLoaders.from_dd(dd, args.bs, batched=True)
     images = dls.train.dataset.columns["image"]
+    norm = Normalize.from_tensor(images)
     for dl in (dls.train, dls.valid):
-        dl.dataset.tfms.append(Normalize.from_tensor(images))
+        dl.dataset.tfms.append(norm)
     n_classes = dd["train"].features["label"].num_classes
     model = simple_cnn(n_in=images.shape[1], n_out=n_classes, widths=(8, 16, 32, 64))
     cbs = [MetricsCB(Accuracy()), ProgressCB(), OneCycle()]

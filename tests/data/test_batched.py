@@ -137,3 +137,16 @@ def test_formatted_image_dataset():
     """An image dataset already in torch format decodes all the same."""
     x, _ = BatchedDataset.from_hf(image_dataset(3).with_format("torch"))[[0, 1, 2]]
     assert x.shape == (3, 1, 5, 6) and x.dtype == torch.uint8
+
+
+def test_16_bit_images_refused(tmp_path):
+    """16-bit images are refused rather than truncated to uint8, with the fix (a column mode)."""
+    import datasets
+    from PIL import Image
+
+    Image.new("I;16", (4, 4)).save(tmp_path / "a.png")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")]}).cast_column(
+        "image", datasets.Image()
+    )
+    with pytest.raises(ValueError, match=r"not 8-bit.*Image\(mode='L'\)"):
+        decode_images(ds)

@@ -41,3 +41,8 @@ def __getattr__(name: str) -> Any:
     if name in _PLOTTING:
         return getattr(import_module(".plotting", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """Module attributes, including the lazily loaded plotting names."""
+    return sorted({*globals(), *_PLOTTING})

@@ -37,12 +37,33 @@ log = logging.getLogger(__name__)
 BatchTfm = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
-def _open(item: Mapping[str, Any], mode: str) -> np.ndarray:
-    """One undecoded Image value (`{'bytes', 'path'}`) as a `(C, H, W)` uint8 array in `mode`."""
+_8BIT_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr"}
+
+
+def _source(item: Mapping[str, Any]) -> Any:
+    """What PIL opens for an undecoded Image value (`{'bytes', 'path'}`): its bytes, else its path."""
+    return io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
+
+
+def _target_mode(item: Mapping[str, Any], mode: str | None) -> str:
+    """The mode every image of a column is converted to: the feature's, else the first image's (RGB for palettes)."""
     from PIL import Image
 
-    src = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
-    with Image.open(src) as im:
+    with Image.open(_source(item)) as im:
+        found = im.mode
+    if mode is None and found not in _8BIT_MODES:
+        raise ValueError(
+            f"Images in mode {found!r} are not 8-bit: the batched path stores uint8. Set the column's mode, "
+            "e.g. ds.cast_column('image', datasets.Image(mode='L')), or use the per-item path."
+        )
+    return mode or ("RGB" if found in ("P", "CMYK", "YCbCr") else found)
+
+
+def _open(item: Mapping[str, Any], mode: str) -> np.ndarray:
+    """One undecoded Image value as a `(C, H, W)` uint8 array in `mode`."""
+    from PIL import Image
+
+    with Image.open(_source(item)) as im:
         a = np.asarray(im if im.mode == mode else im.convert(mode), dtype=np.uint8)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
@@ -78,7 +99,6 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     load it instead of decoding; a dataset with no cache files is decoded in memory.
     """
     from datasets import Array3D, Features, Image
-    from PIL import Image as PILImage
 
     columns = [k for k, f in ds.features.items() if isinstance(f, Image)]
     if not columns or len(ds) == 0:
@@ -87,15 +107,8 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     for col in columns:
         raw = raw.cast_column(col, Image(decode=False))
     first = raw[0]
-    modes, shapes = [], []
-    for col in columns:
-        item = first[col]
-        with PILImage.open(
-            io.BytesIO(item["bytes"]) if item.get("bytes") is not None else item["path"]
-        ) as im:
-            mode = ds.features[col].mode or ("RGB" if im.mode in ("P", "CMYK", "YCbCr") else im.mode)
-        modes.append(mode)
-        shapes.append(_open(item, mode).shape)
+    modes = [_target_mode(first[col], ds.features[col].mode) for col in columns]
+    shapes = [_open(first[col], mode).shape for col, mode in zip(columns, modes)]
     features = Features(dict(raw.features))
     for col, shape in zip(columns, shapes):
         features[col] = Array3D(shape=shape, dtype="uint8")
