@@ -65,6 +65,7 @@ class ProgressCB(Callback):
         self._batch_bar: Any = None
         self._widths: list[int] | None = None
         self._plot_handle: Any = None
+        self._bars: bool | None = None
 
     def _tqdm(self) -> Any:
         if self._notebook:
@@ -79,11 +80,14 @@ class ProgressCB(Callback):
 
         return tqdm
 
-    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
+    def _setup(self) -> None:
         self._out = self.file if self.file is not None else sys.stdout
         self._notebook = in_notebook()
         isatty = getattr(self._out, "isatty", lambda: False)()
         self._bars = self.bar if self.bar is not None else (isatty or self._notebook)
+
+    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
+        self._setup()
         self._widths = None
         self._plot_handle = None
         if self.plot and not self._notebook:
@@ -95,6 +99,8 @@ class ProgressCB(Callback):
             )
 
     def _start_batches(self, learn: Any, desc: str) -> None:
+        if self._bars is None:  # validate()/get_preds() outside a fit
+            self._setup()
         if not self._bars:
             return
         self._close_batch_bar()
@@ -117,7 +123,7 @@ class ProgressCB(Callback):
         now = time.monotonic()
         if now - self._last >= self.mininterval and loss is not None:
             self._last = now
-            bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+            bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
             if self.plot and self._notebook and learn.training:
                 self._draw(learn)
         bar.update(1)
@@ -145,6 +151,7 @@ class ProgressCB(Callback):
         if self._epoch_bar is not None:
             self._epoch_bar.close()
             self._epoch_bar = None
+        self._bars = None
 
     def _close_batch_bar(self) -> None:
         if self._batch_bar is not None:
