@@ -82,3 +82,27 @@ def test_bars_closed_after_error():
     except RuntimeError:
         pass
     assert cb._epoch_bar is None and cb._batch_bar is None
+
+
+def test_notebook_live_plot(monkeypatch):
+    """In a notebook with plot=True, the loss figure is displayed once and then updated in place."""
+    import IPython.display
+    from matplotlib.figure import Figure
+
+    import learnloop.callbacks.progress as progress
+
+    shown = []
+
+    class Handle:
+        def update(self, fig):
+            shown.append(("update", fig))
+
+    def display(fig, display_id=False):
+        shown.append(("display", fig))
+        return Handle()
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", display)
+    fit(io.StringIO(), epochs=3, plot=True, mininterval=3600)
+    assert [kind for kind, _ in shown] == ["display", "update", "update"]
+    assert all(isinstance(fig, Figure) for _, fig in shown)
