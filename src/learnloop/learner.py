@@ -276,7 +276,7 @@ class Learner:
         try:
             with torch.set_grad_enabled(training):
                 level = "train" if training else "validate"
-                # learn.dl, not dl: a before_train/before_validate hook may swap the loader (DistributedCB shards it).
+                # self.dl, not dl: a before_train/before_validate hook may swap the loader (DistributedCB does).
                 self._run_level(level, lambda: self._all_batches(self.dl), epoch=self.epoch)
         finally:
             self.model.train(was_training or not training)

@@ -52,7 +52,8 @@ def main(out: Path) -> None:
 
     index = TensorDataset(torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long))
     seen = SeenIndices()
-    shuffled = Learner(nn.Linear(1, 2), DataLoaders(DataLoader(index, batch_size=4, shuffle=True)), cbs=[seen])
+    index_dls = DataLoaders(DataLoader(index, batch_size=4, shuffle=True))
+    shuffled = Learner(nn.Linear(1, 2), index_dls, cbs=[seen])
     shuffled.fit(2, valid=False)
 
     result = {

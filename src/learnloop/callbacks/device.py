@@ -16,8 +16,8 @@ __all__ = ["DeviceCB", "default_device", "to_device"]
 def default_device() -> torch.device:
     """cuda if available (under torchrun: `cuda:LOCAL_RANK`, this process's GPU), then mps, then cpu."""
     if torch.cuda.is_available():
-        local = os.environ.get("LOCAL_RANK")
-        return torch.device("cuda", int(local)) if local is not None else torch.device("cuda")
+        local = int(os.environ.get("LOCAL_RANK", -1))
+        return torch.device("cuda", local) if 0 <= local < torch.cuda.device_count() else torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")

@@ -93,7 +93,8 @@ class _UnpaddedSampler(DistributedSampler):
     def __iter__(self) -> Any:
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            g = torch.Generator().manual_seed(self.seed + self.epoch)  # the same order on every rank
+            order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
         return iter(order[self.rank :: self.num_replicas])
@@ -133,17 +134,18 @@ def shard_loader(
         )
     fast = dl.batch_size is None and isinstance(dl.sampler, BatchSampler)  # whole batches per __getitem__
     if dl.batch_size is None and dl.batch_sampler is not None:
-        raise TypeError(f"DistributedCB cannot shard a custom batch_sampler ({type(dl.batch_sampler).__name__}): {fix}")
+        name = type(dl.batch_sampler).__name__
+        raise TypeError(f"DistributedCB cannot shard a custom batch_sampler ({name}): {fix}")
     inner = dl.sampler.sampler if fast else dl.sampler  # type: ignore[attr-defined]
     if type(inner) not in (RandomSampler, SequentialSampler):
         raise TypeError(f"DistributedCB cannot shard a loader whose sampler is {type(inner).__name__}: {fix}")
     cls = DistributedSampler if training else _UnpaddedSampler
-    sampler: Any = cls(
-        dl.dataset, num_replicas, rank, shuffle=isinstance(inner, RandomSampler), seed=seed  # type: ignore[arg-type]
-    )
+    shuffle = isinstance(inner, RandomSampler)
+    sampler: Any = cls(dl.dataset, num_replicas, rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
     kept = {k: getattr(dl, k) for k in _loader_args() if k not in _REBUILT and hasattr(dl, k)}
     if fast:
-        sampler = BatchSampler(sampler, dl.sampler.batch_size, dl.sampler.drop_last)  # type: ignore[attr-defined]
+        whole: Any = dl.sampler
+        sampler = BatchSampler(sampler, whole.batch_size, whole.drop_last)
         return DataLoader(dl.dataset, batch_size=None, sampler=sampler, **kept)
     return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, drop_last=dl.drop_last, **kept)
 
@@ -208,14 +210,14 @@ class DistributedCB(Callback):
     """Data-parallel training under `torchrun`: DDP for the model, a shard of each loader per process.
 
     Attached automatically when `WORLD_SIZE > 1`. It starts the process group if none is running
-    (nccl on CUDA, gloo on CPU; one it started is destroyed when the process exits), wraps the
-    model in DistributedDataParallel for the training phases (`learn.model` is your module
-    everywhere else), shards `learn.dls` for the fit and any loader given to `validate`/`get_preds`,
-    and calls `set_epoch` every epoch. The model's device is DeviceCB's, which under torchrun
-    defaults to `cuda:LOCAL_RANK`; this callback runs after it (order -10).
+    (nccl for a model on CUDA, gloo on CPU; one it started is destroyed when the process exits),
+    wraps the model in DistributedDataParallel for the training phases (`learn.model` is your
+    module everywhere else), shards `learn.dls` for the fit and any loader given to `validate` or
+    `get_preds`, and calls `set_epoch` every epoch. The model's device is DeviceCB's, which under
+    torchrun defaults to `cuda:LOCAL_RANK`; this callback runs after DeviceCB (order -10).
 
     Args:
-        backend: process-group backend; None picks nccl with CUDA, gloo without.
+        backend: process-group backend; None picks nccl for a model on CUDA, else gloo.
         **ddp_kwargs: passed to DistributedDataParallel (e.g. `find_unused_parameters=True`).
 
     Example:
@@ -231,20 +233,25 @@ class DistributedCB(Callback):
         self._seed: int | None = None
         self._shards: dict[int, tuple[Any, DataLoader]] = {}
 
-    def _setup_process_group(self) -> None:
+    def _setup_process_group(self, learn: Any) -> torch.device:
+        """Start the process group unless one runs; return the model's device (placed by DeviceCB)."""
+        first = next(learn.model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # collectives and `cuda` without an index now mean this GPU
         if _initialized():
-            return
+            return device
         if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
             raise RuntimeError(
                 "DistributedCB needs a process group: launch the script with "
-                "`torchrun --nproc_per_node=N script.py`, or call torch.distributed.init_process_group() first."
+                "`torchrun --nproc_per_node=N script.py`, "
+                "or call torch.distributed.init_process_group() first."
             )
-        backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank())
+        backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend)
         atexit.register(_destroy_process_group)
         log.info("DistributedCB started a %s process group: rank %d of %d.", backend, rank(), world_size())
+        return device
 
     def _shared_seed(self) -> int:
         """One shuffle seed for all ranks (rank 0's torch seed), so their shards never overlap."""
@@ -264,14 +271,7 @@ class DistributedCB(Callback):
         return cached[1]
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self._setup_process_group()
-        first = next(learn.model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
-            raise ValueError(
-                f"The model is on {device}, but this process (LOCAL_RANK={local_rank()}) owns "
-                f"cuda:{torch.cuda.current_device()}: use DeviceCB() (it picks cuda:LOCAL_RANK under torchrun)."
-            )
+        device = self._setup_process_group(learn)
         ids = [device.index] if device.type == "cuda" else None
         self.ddp = DistributedDataParallel(learn.model, device_ids=ids, **self.ddp_kwargs)
         self._dls = learn.dls
@@ -288,7 +288,7 @@ class DistributedCB(Callback):
 
     def before_validate(self, learn: Any, epoch: int, **kwargs: Any) -> None:
         # Validation runs the bare module: no gradients to sync, and uneven shards then need no collective.
-        self._setup_process_group()
+        self._setup_process_group(learn)
         if _distributed_sampler(learn.dl) is None:
             learn.dl = self._shard(learn.dl, training=False)
             learn.n_iter = len(learn.dl)

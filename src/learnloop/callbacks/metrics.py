@@ -145,7 +145,7 @@ class MetricsCB(Callback):
             if callable(getattr(m, "all_reduce", None)):
                 m.all_reduce(sum_across_processes)
             elif not hasattr(m, "sync_on_compute"):  # torchmetrics syncs itself in compute()
-                log.warning("Metric %r has no all_reduce(sum_fn): its value covers this process's shard only.", name)
+                log.warning("Metric %r has no all_reduce(sum_fn): it covers this process's shard only.", name)
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["train_loss"] = self._mean_loss()
