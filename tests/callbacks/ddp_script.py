@@ -49,6 +49,7 @@ def main(out: Path) -> None:
     preds, targets = learn.get_preds()
     odd = DataLoader(make_data(7, seed=2), batch_size=2)  # 4/3 rows per rank, not part of the fit
     odd_preds, _ = learn.get_preds(odd)
+    shuffled_odd_preds, _ = learn.get_preds(DataLoader(odd.dataset, batch_size=2, shuffle=True))
 
     index = TensorDataset(torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long))
     seen = SeenIndices()
@@ -59,6 +60,7 @@ def main(out: Path) -> None:
     result = {
         "world_size": world_size(), "state": model.state_dict(), "epoch_log": epoch_log,
         "validate": learn.validate(), "preds": preds, "targets": targets, "odd_preds": odd_preds,
+        "shuffled_odd_preds": shuffled_odd_preds,
         "restored": restored, "seen": seen.epochs,
     }
     torch.save(result, out / f"rank{rank()}.pt")

@@ -82,11 +82,12 @@ class TestUnderTorchrun:
             assert ddp_run[r]["validate"]["valid_loss"] == pytest.approx(valid_loss, rel=1e-5)
 
     def test_get_preds_in_dataset_order(self, ddp_run, single_run):
-        """get_preds returns every prediction, in dataset order, on the fit's loader and on a new one."""
+        """get_preds returns every prediction in dataset order: the fit's loader, a new one, a shuffled one."""
         for r in (0, 1):
             torch.testing.assert_close(ddp_run[r]["preds"], single_run["preds"])
             assert torch.equal(ddp_run[r]["targets"], single_run["targets"])
             torch.testing.assert_close(ddp_run[r]["odd_preds"], single_run["odd_preds"])
+            torch.testing.assert_close(ddp_run[r]["shuffled_odd_preds"], single_run["odd_preds"])
 
     def test_model_and_loaders_restored(self, ddp_run):
         """After fit, learn.model is the user's module again and learn.dls the user's loaders."""

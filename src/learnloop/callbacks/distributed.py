@@ -12,6 +12,7 @@ number of optimizer steps; evaluation shards are not, so no sample is counted tw
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 from collections.abc import Iterable
@@ -151,8 +152,6 @@ def shard_loader(
 
 
 def _loader_args() -> list[str]:
-    import inspect
-
     return list(inspect.signature(DataLoader.__init__).parameters)[1:]
 
 
@@ -165,11 +164,11 @@ def _set_epoch(dl: Any, epoch: int) -> None:
 # ------------------------------------------------------------------------------ get_preds
 def _sample_indices(dl: Any, n: int) -> list[int] | None:
     """The dataset indices of the first `n` samples `dl` yields (its sampler is deterministic per epoch)."""
-    sampler = getattr(dl, "sampler", None)
-    if sampler is None or _distributed_sampler(dl) is None:
+    if _distributed_sampler(dl) is None:
         return None
+    batches = getattr(dl, "batch_sampler", None)  # honours drop_last; None when fed whole batches
     flat: list[int] = []
-    for item in sampler:
+    for item in batches if batches is not None else dl.sampler:
         flat.extend(item if isinstance(item, Iterable) else [item])
     return [int(i) for i in flat[:n]]
 
