@@ -278,6 +278,17 @@ class TestInference:
         learn.get_preds(dl, cbs=[Keep()])
         assert len(kept) == 40 and all(g is None for g in kept)
 
+    def test_hook_may_swap_loader(self):
+        """A before_validate hook may replace learn.dl (as DistributedCB does); the loop reads the new one."""
+        small = DataLoader(make_data(4, seed=1), batch_size=2)
+
+        class Swap(Callback):
+            def before_validate(self, learn, *args, **kwargs):
+                learn.dl = small
+
+        preds, _ = tiny_learner([]).get_preds(cbs=[Swap()])
+        assert preds.shape[0] == 4
+
     def test_validate(self):
         """validate returns the loss and metrics on dls.valid and leaves the weights alone."""
         from learnloop import Accuracy, MetricsCB

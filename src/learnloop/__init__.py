@@ -2,6 +2,7 @@
 
 from .callbacks.core import Callback
 from .callbacks.device import DeviceCB, default_device, to_device
+from .callbacks.distributed import DistributedCB, is_main_process, rank, world_size
 from .callbacks.metrics import Accuracy, MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
@@ -35,10 +36,14 @@ __all__ = [
     "CancelValidException",
     "DataLoaders",
     "DeviceCB",
+    "DistributedCB",
     "Learner",
     "MetricsCB",
     "ProgressCB",
     "Recorder",
     "default_device",
+    "is_main_process",
+    "rank",
     "to_device",
+    "world_size",
 ]

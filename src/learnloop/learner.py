@@ -276,7 +276,8 @@ class Learner:
         try:
             with torch.set_grad_enabled(training):
                 level = "train" if training else "validate"
-                self._run_level(level, lambda: self._all_batches(dl), epoch=self.epoch)
+                # self.dl, not dl: a before_train/before_validate hook may swap the loader (DistributedCB does).
+                self._run_level(level, lambda: self._all_batches(self.dl), epoch=self.epoch)
         finally:
             self.model.train(was_training or not training)
 
@@ -388,12 +389,19 @@ class _GatherPreds(Callback):
     def __init__(self) -> None:
         self.preds: list[Tensor] = []
         self.targets: list[Tensor] = []
+        self.dl: Any = None
+
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self.dl = learn.dl  # the loader actually read (a shard of it under DistributedCB)
 
     def after_loss(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.preds.append(learn.preds.detach().cpu())
         self.targets.append(learn.yb.detach().cpu())
 
     def result(self) -> tuple[Tensor, Tensor]:
+        from .callbacks.distributed import gather_in_order  # a no-op outside torch.distributed
+
+        self.preds, self.targets = gather_in_order(self.preds, self.targets, self.dl)
         if not self.preds:
             raise ValueError("get_preds saw no batches: the loader is empty.")
         return torch.cat(self.preds), torch.cat(self.targets)
@@ -412,8 +420,12 @@ def _check_not_empty(dl: Any, name: str) -> None:
 def _default_callbacks() -> list[Callback]:
     # Imported here: callback modules import learnloop.events, and the defaults stay swappable.
     from .callbacks.device import DeviceCB
+    from .callbacks.distributed import DistributedCB, world_size
     from .callbacks.metrics import MetricsCB
     from .callbacks.progress import ProgressCB
     from .callbacks.recorder import Recorder
 
-    return [DeviceCB(), MetricsCB(), Recorder(), ProgressCB()]
+    defaults: list[Callback] = [DeviceCB(), MetricsCB(), Recorder(), ProgressCB()]
+    if world_size() > 1:  # launched by torchrun with several processes
+        defaults.append(DistributedCB())
+    return defaults

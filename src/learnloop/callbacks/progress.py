@@ -4,6 +4,7 @@ On a terminal: an epoch bar, a batch bar with the running loss, and the table ab
 In a notebook: tqdm's widget and, with `plot=True`, a live loss plot. Where the output is
 not a terminal (CI logs, `> file`): no bars and no carriage returns, one line per epoch.
 The running loss is read (a host sync) only when the bar's refresh interval has passed.
+Under torchrun only rank 0 writes anything; the other processes stay silent.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import IO, Any
 
 from .core import Callback
+from .distributed import is_main_process
 
 __all__ = ["ProgressCB", "format_row", "in_notebook"]
 
@@ -66,6 +68,7 @@ class ProgressCB(Callback):
         self._widths: list[int] | None = None
         self._plot_handle: Any = None
         self._bars: bool | None = None
+        self._silent = False
 
     def _tqdm(self) -> Any:
         if self._notebook:
@@ -81,10 +84,12 @@ class ProgressCB(Callback):
         return tqdm
 
     def _setup(self) -> None:
+        self._silent = not is_main_process()  # under torchrun only rank 0 shows progress
         self._out = self.file if self.file is not None else sys.stdout
-        self._notebook = in_notebook()
+        self._notebook = in_notebook() and not self._silent
         isatty = getattr(self._out, "isatty", lambda: False)()
         self._bars = self.bar if self.bar is not None else (isatty or self._notebook)
+        self._bars = self._bars and not self._silent
 
     def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
         self._setup()
@@ -159,6 +164,8 @@ class ProgressCB(Callback):
             self._batch_bar = None
 
     def _write(self, line: str) -> None:
+        if self._silent:
+            return
         if self._bars:
             from tqdm import tqdm
 
