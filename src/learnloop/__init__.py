@@ -1,10 +1,14 @@
 """learnloop: a small, fast, callback-driven training loop for PyTorch."""
 
 from .callbacks.core import Callback
+from .callbacks.debug import LimitBatchesCB, SingleBatchCB
 from .callbacks.device import DeviceCB, default_device, to_device
+from .callbacks.hooks import ActivationStatsCB, Hook, Hooks
+from .callbacks.loggers import CSVLoggerCB, TensorBoardCB
 from .callbacks.metrics import Accuracy, MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
+from .callbacks.tracking import CheckpointCB, EarlyStoppingCB, StopReason, TerminateOnNaNCB
 from .data.loaders import DataLoaders
 from .events import (
     EVENTS,
@@ -24,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EVENTS",
     "Accuracy",
+    "ActivationStatsCB",
+    "CSVLoggerCB",
     "Callback",
     "CancelBackwardException",
     "CancelBatchException",
@@ -33,12 +39,21 @@ __all__ = [
     "CancelStepException",
     "CancelTrainException",
     "CancelValidException",
+    "CheckpointCB",
     "DataLoaders",
     "DeviceCB",
+    "EarlyStoppingCB",
+    "Hook",
+    "Hooks",
     "Learner",
+    "LimitBatchesCB",
     "MetricsCB",
     "ProgressCB",
     "Recorder",
+    "SingleBatchCB",
+    "StopReason",
+    "TensorBoardCB",
+    "TerminateOnNaNCB",
     "default_device",
     "to_device",
 ]
