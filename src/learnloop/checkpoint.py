@@ -183,7 +183,7 @@ def checkpoint_state(learn: Any, epochs_done: int | None = None) -> dict[str, An
     return {
         "format": FORMAT,
         "version": VERSION,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is not a weights_only type
         "model": unwrap_model(learn.model).state_dict(),
         "optimizer": learn.opt.state_dict() if learn.opt is not None else None,
         "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(learn.cbs).items()},
@@ -239,8 +239,9 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    telling = [line for line in lines if "Unsupported global" in line]
+    return (telling or lines or [type(e).__name__])[0][:200]
 
 
 def _check_model(path: Path, model: nn.Module, saved: dict[str, Any]) -> None:
@@ -266,7 +267,7 @@ def _check_optimizer(path: Path, opt: torch.optim.Optimizer, saved: dict[str, An
 
 
 def _load_callbacks(path: Path, cbs: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Load each callback's state; if one fails, put back the ones already loaded, then raise."""
+    """Load each callback's state; if one fails, give the ones already loaded their old state back, then raise."""
     for key in saved.keys() - cbs.keys():
         log.warning("%s has state for callback %s, which is not attached: ignored.", path, key)
     for key in cbs.keys() - saved.keys():
@@ -279,7 +280,7 @@ def _load_callbacks(path: Path, cbs: dict[str, Any], saved: dict[str, Any]) -> N
         try:
             cb.load_state_dict(saved[key])
         except Exception as e:
-            for other, state in [(cb, before), *reversed(done)]:
+            for other, state in reversed(done):
                 other.load_state_dict(state)
             raise ValueError(f"{path}: {key}.load_state_dict failed ({type(e).__name__}: {e}); nothing was loaded.") from e
         done.append((cb, before))
