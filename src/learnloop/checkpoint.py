@@ -199,8 +199,8 @@ def checkpoint_state(learn: Any, epochs_done: int | None = None) -> dict[str, An
 def save_checkpoint(learn: Any, path: PathLike, epochs_done: int | None = None) -> Path:
     """Write the checkpoint of `learn` to `path` atomically; returns the path.
 
-    `epochs_done` is the epoch a resumed fit starts from; it defaults to the epochs finished so far
-    (an `after_epoch` hook, whose epoch is not counted yet, passes `epoch + 1`).
+    `epochs_done` is the epoch a resumed fit starts from; it defaults to `learn.epochs_done`, the
+    epochs finished so far (an epoch counts once its phases ran, so from `after_epoch` too).
     """
     return atomic_save(checkpoint_state(learn, epochs_done), path)
 

@@ -65,19 +65,22 @@ class _Monitor:
 
 
 class CheckpointCB(Callback):
-    """Writes `path/last.pt` every `every` epochs (and after the fit's last one), and `path/best.pt`
-    whenever `monitor` (an `epoch_log` key, e.g. 'valid_loss') improves in `mode` 'min' or 'max'.
+    """Writes `path/last.pt` every `every` epochs and when the fit ends, and `path/best.pt` whenever
+    `monitor` (an `epoch_log` key, e.g. 'valid_loss') improves in `mode` 'min' or 'max'.
 
     Both are full checkpoints: `learn.fit(n, resume=path)` continues from `path/last.pt`, and
     `learn.load(path / 'best.pt')` restores the best epoch. The best value so far is part of the
-    checkpoint, so a resumed fit writes best.pt only when it beats the saved one.
+    checkpoint, so a resumed fit writes best.pt only when it beats the saved one. An epoch's files
+    are written once every callback's `after_epoch` has run (at the next `before_epoch`, or at
+    `after_fit`), so they hold the state of callbacks that update in `after_epoch` too (early
+    stopping counters, per-epoch schedulers). A fit interrupted mid-epoch writes nothing more.
 
     Example:
         >>> learn.fit(4, cbs=[CheckpointCB("ckpt", monitor="valid_loss")])  # doctest: +SKIP
         >>> Learner(model, dls).fit(8, cbs=[CheckpointCB("ckpt")], resume="ckpt")  # doctest: +SKIP
     """
 
-    order = 30
+    order = 30  # after MetricsCB has finished the epoch's row
 
     def __init__(self, path: PathLike = "checkpoints", every: int = 1, monitor: str | None = None,
                  mode: str = "min") -> None:
@@ -85,6 +88,7 @@ class CheckpointCB(Callback):
             raise ValueError(f"CheckpointCB every must be an int >= 1 (epochs between writes), got {every!r}.")
         self.path, self.every = Path(path), every
         self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB") if monitor is not None else None
+        self._due: tuple[bool, bool] | None = None  # (last, best) owed for the epoch that just ended
 
     @property
     def best(self) -> float | None:
@@ -92,6 +96,7 @@ class CheckpointCB(Callback):
         return self._best.best if self._best is not None else None
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._due = None
         if self._best is not None and learn.epoch == 0:  # a fresh fit; a resumed one keeps the loaded best
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
 
@@ -102,12 +107,25 @@ class CheckpointCB(Callback):
             improved = self._best.improved(value)
             if improved:
                 self._best.best = value
-        if (epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs:
+        self._due = ((epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs, improved)
+
+    def before_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._write(learn, final=False)
+
+    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._write(learn, final=True)  # still due only if the fit ended between two epochs
+
+    def _write(self, learn: Any, final: bool) -> None:
+        if self._due is None:
+            return
+        last, best = self._due
+        self._due = None
+        if last or final:
             save_checkpoint(learn, self.path / "last.pt")
-        if improved:
+        if best:
             save_checkpoint(learn, self.path / "best.pt")
-            log.info("CheckpointCB: %s improved to %.6g at epoch %d; wrote %s.", self._best.monitor,
-                     self._best.best, epoch, self.path / "best.pt")
+            log.info("CheckpointCB: %s improved to %.6g; wrote %s.", self._best.monitor, self.best,
+                     self.path / "best.pt")
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far (for a resumed fit)."""
