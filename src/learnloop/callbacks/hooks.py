@@ -148,7 +148,7 @@ class ActivationStatsCB(Callback):
             kinds = sorted({type(m).__name__ for m in learn.model.modules()})
             raise ValueError(f"ActivationStatsCB's mod_filter picked none of the model's modules ({kinds}): "
                              "pass a class the model uses, e.g. ActivationStatsCB(nn.ReLU).")
-        self.names = [n or type(m).__name__ for n, m in picked]
+        self.names = [f"{n} {type(m).__name__}" if n else type(m).__name__ for n, m in picked]
         self._modules = [m for _, m in picked]
         self._index = {id(m): i for i, m in enumerate(self._modules)}
         self._stats = [{"mean": [], "std": [], "hist": [], "numel": []} for _ in picked]
