@@ -52,8 +52,14 @@ def make_learner(seed: int, generator: bool, cbs=()) -> Learner:
     train = DataLoader(make_data(96), batch_size=16, shuffle=True, generator=gen)
     dls = DataLoaders(train, DataLoader(make_data(48, seed=1), batch_size=32))
     opt = partial(torch.optim.SGD, momentum=0.9)
-    return Learner(model, dls, lr=0.1, opt_func=opt, default_cbs=False,
-                   cbs=[DeviceCB("cpu"), MetricsCB(), StepSchedCB(), *cbs])
+    return Learner(
+        model,
+        dls,
+        lr=0.1,
+        opt_func=opt,
+        default_cbs=False,
+        cbs=[DeviceCB("cpu"), MetricsCB(), StepSchedCB(), *cbs],
+    )
 
 
 def weights(learn: Learner) -> dict[str, torch.Tensor]:
@@ -109,18 +115,30 @@ class TestExactResume:
         learn = make_learner(0, True)
         learn.fit(1)
         learn.save(tmp_path / "a.pt")
-        expected = (weights(learn), torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=
-                    learn.dls.train.generator))
+        expected = (
+            weights(learn),
+            torch.rand(3),
+            random.random(),
+            np.random.rand(),
+            torch.rand(2, generator=learn.dls.train.generator),
+        )
         other = make_learner(5, True)
         other.load(tmp_path / "a.pt")
-        got = (weights(other), torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=
-               other.dls.train.generator))
+        got = (
+            weights(other),
+            torch.rand(3),
+            random.random(),
+            np.random.rand(),
+            torch.rand(2, generator=other.dls.train.generator),
+        )
         assert all(torch.equal(expected[0][k], got[0][k]) for k in expected[0])
         assert torch.equal(expected[1], got[1]) and expected[2] == got[2] and expected[3] == got[3]
         assert torch.equal(expected[4], got[4])
         assert other.epochs_done == 1
-        assert torch.equal(other.opt.state_dict()["state"][0]["momentum_buffer"],
-                           learn.opt.state_dict()["state"][0]["momentum_buffer"])
+        assert torch.equal(
+            other.opt.state_dict()["state"][0]["momentum_buffer"],
+            learn.opt.state_dict()["state"][0]["momentum_buffer"],
+        )
 
 
 class TestAtomicWrite:
@@ -173,8 +191,11 @@ class TestSafeLoading:
         path = tmp_path / "c.pt"
         make_learner(1, False).save(path)
         data = path.read_bytes()
-        path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00not a checkpoint" * 50,
-                          "empty": b""}[damage])
+        path.write_bytes(
+            {"truncated": data[: len(data) // 2], "garbage": b"\x00not a checkpoint" * 50, "empty": b""}[
+                damage
+            ]
+        )
         with pytest.raises(ValueError, match=r"c\.pt is corrupt"):
             learn.load(path)
         self._unchanged(learn, w, buf)
@@ -198,8 +219,11 @@ class TestSafeLoading:
     def test_other_model_is_refused(self, tmp_path):
         """A checkpoint of a differently shaped model names the mismatch and changes nothing."""
         learn, w, buf = self._learner_and_state()
-        other = Learner(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3)), learn.dls,
-                        default_cbs=False)
+        other = Learner(
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3)),
+            learn.dls,
+            default_cbs=False,
+        )
         other.save(tmp_path / "o.pt")
         with pytest.raises(ValueError, match=r"does not fit Sequential: shape mismatch.*0\.weight"):
             learn.load(tmp_path / "o.pt")

@@ -84,10 +84,14 @@ def checkpoint_path(path: PathLike) -> Path:
     if path.is_dir():
         last = path / "last.pt"
         if not last.is_file():
-            raise FileNotFoundError(f"{path} is a folder without last.pt: pass a checkpoint file or a CheckpointCB folder.")
+            raise FileNotFoundError(
+                f"{path} is a folder without last.pt: pass a checkpoint file or a CheckpointCB folder."
+            )
         return last
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}: pass a file written by learn.save or a CheckpointCB folder.")
+        raise FileNotFoundError(
+            f"No checkpoint at {path}: pass a file written by learn.save or a CheckpointCB folder."
+        )
     return path
 
 
@@ -147,8 +151,13 @@ def _rng_state(learn: Any) -> dict[str, Any]:
         np = None
     if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        rng["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached": float(cached)}
+        rng["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # untested here: no GPU in CI
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
@@ -162,17 +171,26 @@ def _set_rng_state(learn: Any, rng: dict[str, Any]) -> None:
         import numpy as np
 
         n = rng["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+        )
     if "cuda" in rng and torch.cuda.is_available():  # untested here: no GPU in CI
         if len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         else:
-            log.warning("Checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored.",
-                        len(rng["cuda"]), torch.cuda.device_count())
+            log.warning(
+                "Checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored.",
+                len(rng["cuda"]),
+                torch.cuda.device_count(),
+            )
     gens = _generators(learn.dls.train)
     if len(gens) != len(rng["loaders"]):
-        log.warning("The checkpoint saved %d train-loader generator(s), this train loader has %d: "
-                    "shuffling order not restored.", len(rng["loaders"]), len(gens))
+        log.warning(
+            "The checkpoint saved %d train-loader generator(s), this train loader has %d: "
+            "shuffling order not restored.",
+            len(rng["loaders"]),
+            len(gens),
+        )
         return
     for g, state in zip(gens, rng["loaders"]):
         g.set_state(state)
@@ -218,7 +236,9 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
                 f"({_first_line(e)}). learnloop checkpoints hold only tensors and plain values; load "
                 "this file with torch.load(weights_only=False) only if you trust where it came from."
             ) from e
-        raise ValueError(f"{path} is corrupt or not a torch file ({_first_line(e)}); use an older checkpoint.") from e
+        raise ValueError(
+            f"{path} is corrupt or not a torch file ({_first_line(e)}); use an older checkpoint."
+        ) from e
     except Exception as e:
         raise ValueError(
             f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use an older checkpoint."
@@ -230,8 +250,10 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             "model.load_state_dict(torch.load(path, weights_only=True)); checkpoints come from learn.save."
         )
     if not isinstance(ck.get("version"), int) or ck["version"] > VERSION:
-        raise ValueError(f"{path} is checkpoint format version {ck.get('version')!r}; this learnloop reads "
-                         f"versions up to {VERSION}: upgrade learnloop.")
+        raise ValueError(
+            f"{path} is checkpoint format version {ck.get('version')!r}; this learnloop reads "
+            f"versions up to {VERSION}: upgrade learnloop."
+        )
     missing = [k for k in ("model", "optimizer", "callbacks", "epochs_done", "rng") if k not in ck]
     if missing:
         raise ValueError(f"{path} is an incomplete learnloop checkpoint: it lacks {missing}.")
@@ -248,22 +270,35 @@ def _check_model(path: Path, model: nn.Module, saved: dict[str, Any]) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
     extra = [k for k in saved if k not in own]
-    shapes = [f"{k}: file {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in saved and hasattr(saved[k], "shape") and saved[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and hasattr(saved[k], "shape") and saved[k].shape != own[k].shape
+    ]
     if missing or extra or shapes:
-        parts = [f"{name} {items[:5]}" for name, items in
-                 (("missing from the file:", missing), ("unexpected in the file:", extra), ("shape mismatch:", shapes))
-                 if items]
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {'; '.join(parts)}. "
-                         "Build the same model as the one that was saved.")
+        parts = [
+            f"{name} {items[:5]}"
+            for name, items in (
+                ("missing from the file:", missing),
+                ("unexpected in the file:", extra),
+                ("shape mismatch:", shapes),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: {'; '.join(parts)}. "
+            "Build the same model as the one that was saved."
+        )
 
 
 def _check_optimizer(path: Path, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     own = [len(g["params"]) for g in opt.param_groups]
     theirs = [len(g["params"]) for g in saved.get("param_groups", [])]
     if own != theirs:
-        raise ValueError(f"{path}'s optimizer has parameter groups of sizes {theirs}, this optimizer {own}: "
-                         "use the same opt_func and parameter groups as the saved fit.")
+        raise ValueError(
+            f"{path}'s optimizer has parameter groups of sizes {theirs}, this optimizer {own}: "
+            "use the same opt_func and parameter groups as the saved fit."
+        )
 
 
 def _load_callbacks(path: Path, cbs: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -282,7 +317,9 @@ def _load_callbacks(path: Path, cbs: dict[str, Any], saved: dict[str, Any]) -> N
         except Exception as e:
             for other, state in reversed(done):
                 other.load_state_dict(state)
-            raise ValueError(f"{path}: {key}.load_state_dict failed ({type(e).__name__}: {e}); nothing was loaded.") from e
+            raise ValueError(
+                f"{path}: {key}.load_state_dict failed ({type(e).__name__}: {e}); nothing was loaded."
+            ) from e
         done.append((cb, before))
 
 

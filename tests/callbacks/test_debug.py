@@ -41,7 +41,9 @@ class TestLimitBatchesCB:
     def test_limits_each_phase_every_epoch(self):
         """train=2, valid=1 runs 2 training and 1 validation batch per epoch, and n_iter says so."""
         rec, metrics = Record(), MetricsCB()
-        learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False, cbs=[metrics, rec, LimitBatchesCB(2, 1)])
+        learn = Learner(
+            nn.Linear(4, 3), make_dls(), default_cbs=False, cbs=[metrics, rec, LimitBatchesCB(2, 1)]
+        )
         learn.fit(2)
         batches = [e for e in rec.events if isinstance(e, tuple)]
         assert batches == [("batch", True, 2), ("batch", True, 2), ("batch", False, 1)] * 2

@@ -105,10 +105,12 @@ class TestActivationStatsCB:
     def test_filter_matching_nothing_is_an_error(self):
         """A mod_filter that picks no module names the module kinds the model has."""
         learn = Learner(mlp(), make_dls(), default_cbs=False, cbs=[ActivationStatsCB(nn.Conv2d)])
-        with pytest.raises(ValueError, match=r"picked none of the model's modules \(\['Linear', 'ReLU', 'Sequential'\]\)"):
+        with pytest.raises(
+            ValueError, match=r"picked none of the model's modules \(\['Linear', 'ReLU', 'Sequential'\]\)"
+        ):
             learn.fit(1)
 
     def test_reading_before_fit_is_an_error(self):
         """Reading statistics before any fit says to fit first."""
         with pytest.raises(ValueError, match="fit with it attached first"):
-            ActivationStatsCB().means
+            _ = ActivationStatsCB().means

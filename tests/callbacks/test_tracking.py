@@ -72,14 +72,18 @@ class TestCheckpointCB:
     def test_best_written_on_improvement_only(self, tmp_path):
         """best.pt is rewritten exactly at the epochs whose valid_loss beats every earlier one."""
         spy = FilesSeen(tmp_path)
-        learner(SetValidLoss([3.0, 2.0, 4.0, 1.0, 5.0]), CheckpointCB(tmp_path, monitor="valid_loss"), spy).fit(5)
+        learner(
+            SetValidLoss([3.0, 2.0, 4.0, 1.0, 5.0]), CheckpointCB(tmp_path, monitor="valid_loss"), spy
+        ).fit(5)
         assert [best for _, best in spy.seen] == [1, 2, 2, 4, 4]
         assert [last for last, _ in spy.seen] == [1, 2, 3, 4, 5]
 
     def test_mode_max(self, tmp_path):
         """With mode='max', best.pt follows the largest value."""
         spy = FilesSeen(tmp_path)
-        learner(SetValidLoss([1.0, 3.0, 2.0]), CheckpointCB(tmp_path, monitor="valid_loss", mode="max"), spy).fit(3)
+        learner(
+            SetValidLoss([1.0, 3.0, 2.0]), CheckpointCB(tmp_path, monitor="valid_loss", mode="max"), spy
+        ).fit(3)
         assert [best for _, best in spy.seen] == [1, 2, 2]
 
     def test_every_and_final_epoch(self, tmp_path):
@@ -111,8 +115,13 @@ class TestCheckpointCB:
         with pytest.raises(ValueError, match="monitors 'accuracy'.*available: train_loss, valid_loss"):
             learner(CheckpointCB(tmp_path, monitor="accuracy")).fit(1)
 
-    @pytest.mark.parametrize("kwargs, match", [({"every": 0}, "every must be an int >= 1"),
-                                               ({"monitor": "valid_loss", "mode": "best"}, "mode must be")])
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            ({"every": 0}, "every must be an int >= 1"),
+            ({"monitor": "valid_loss", "mode": "best"}, "mode must be"),
+        ],
+    )
     def test_bad_arguments(self, tmp_path, kwargs, match):
         """Bad arguments are refused at construction."""
         with pytest.raises(ValueError, match=match):
@@ -120,14 +129,17 @@ class TestCheckpointCB:
 
 
 class TestEarlyStoppingCB:
-    @pytest.mark.parametrize("values, patience, min_delta, mode, stop_epoch", [
-        ([5.0, 4.0, 3.0, 2.0, 1.0], 2, 0.0, "min", None),
-        ([1.0, 2.0, 3.0, 4.0, 5.0], 2, 0.0, "min", 2),
-        ([1.0, 2.0, 3.0, 0.5, 4.0, 5.0, 6.0], 3, 0.0, "min", 6),
-        ([1.0, 0.97, 0.96, 0.5], 2, 0.05, "min", 2),
-        ([1.0, 1.0, 1.0], 2, 0.0, "min", 2),
-        ([0.1, 0.2, 0.2, 0.2, 0.9], 2, 0.0, "max", 3),
-    ])
+    @pytest.mark.parametrize(
+        "values, patience, min_delta, mode, stop_epoch",
+        [
+            ([5.0, 4.0, 3.0, 2.0, 1.0], 2, 0.0, "min", None),
+            ([1.0, 2.0, 3.0, 4.0, 5.0], 2, 0.0, "min", 2),
+            ([1.0, 2.0, 3.0, 0.5, 4.0, 5.0, 6.0], 3, 0.0, "min", 6),
+            ([1.0, 0.97, 0.96, 0.5], 2, 0.05, "min", 2),
+            ([1.0, 1.0, 1.0], 2, 0.0, "min", 2),
+            ([0.1, 0.2, 0.2, 0.2, 0.9], 2, 0.0, "max", 3),
+        ],
+    )
     def test_stop_epoch(self, values, patience, min_delta, mode, stop_epoch):
         """The fit stops after `patience` epochs in a row without an improvement larger than min_delta."""
         es = EarlyStoppingCB("valid_loss", mode=mode, patience=patience, min_delta=min_delta)
@@ -135,7 +147,9 @@ class TestEarlyStoppingCB:
         learn.fit(len(values))
         assert es.stopped_epoch == stop_epoch
         assert learn.epochs_done == (len(values) if stop_epoch is None else stop_epoch + 1)
-        assert es.stop_reason == (StopReason.NOT_STOPPED if stop_epoch is None else StopReason.PATIENCE_EXHAUSTED)
+        assert es.stop_reason == (
+            StopReason.NOT_STOPPED if stop_epoch is None else StopReason.PATIENCE_EXHAUSTED
+        )
 
     def test_non_finite_value_stops_at_once(self):
         """A nan monitored value stops the fit at that epoch."""
@@ -153,7 +167,9 @@ class TestEarlyStoppingCB:
 
     def test_missing_monitor_lists_the_metrics(self):
         """An unknown monitor names the available values."""
-        with pytest.raises(ValueError, match="EarlyStoppingCB monitors 'val_loss'.*available: train_loss, valid_loss"):
+        with pytest.raises(
+            ValueError, match="EarlyStoppingCB monitors 'val_loss'.*available: train_loss, valid_loss"
+        ):
             learner(EarlyStoppingCB("val_loss")).fit(1)
 
     def test_empty_epoch_log_says_what_to_attach(self):

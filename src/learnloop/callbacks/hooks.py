@@ -23,13 +23,30 @@ from .core import Callback
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 __all__ = ["ActivationStatsCB", "Hook", "Hooks"]
 
 HookFunc = Callable[..., None]
 
 
-class Hook:
+class _RemovedOnExit:
+    """Context-manager plumbing shared by Hook and Hooks: leaving the block, or garbage collection, calls remove()."""
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __del__(self) -> None:
+        self.remove()
+
+
+class Hook(_RemovedOnExit):
     """Calls `func(hook, module, inputs, output)` after each forward pass of `module` until removed.
 
     Example:
@@ -53,24 +70,16 @@ class Hook:
 
     def remove(self) -> None:
         """Take the hook off the module (safe to call twice)."""
-        if self._handle is not None:
-            self._handle.remove()
+        handle = getattr(self, "_handle", None)  # absent if __init__ failed; __del__ still calls this
+        if handle is not None:
+            handle.remove()
             self._handle = None
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def __del__(self) -> None:
-        self.remove()
 
     def __repr__(self) -> str:
         return f"Hook({type(self.module).__name__}{', removed' if self.removed else ''})"
 
 
-class Hooks:
+class Hooks(_RemovedOnExit):
     """One `Hook` per module of `modules`, all calling `func`; a context manager that removes them all.
 
     Example:
@@ -84,17 +93,8 @@ class Hooks:
 
     def remove(self) -> None:
         """Take every hook off its module."""
-        for h in self.hooks:
+        for h in getattr(self, "hooks", ()):
             h.remove()
-
-    def __enter__(self) -> Hooks:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-    def __del__(self) -> None:
-        self.remove()
 
     def __iter__(self) -> Iterator[Hook]:
         return iter(self.hooks)
@@ -112,11 +112,15 @@ class Hooks:
 def _module_filter(mod_filter: Any) -> Callable[[nn.Module], bool]:
     if mod_filter is None:
         return lambda m: next(m.children(), None) is None  # every leaf module
-    if isinstance(mod_filter, type) or (isinstance(mod_filter, tuple) and all(isinstance(t, type) for t in mod_filter)):
+    if isinstance(mod_filter, type) or (
+        isinstance(mod_filter, tuple) and all(isinstance(t, type) for t in mod_filter)
+    ):
         return lambda m: isinstance(m, mod_filter)
     if callable(mod_filter):
         return mod_filter
-    raise TypeError(f"mod_filter must be a module class, a tuple of classes or a predicate, got {mod_filter!r}.")
+    raise TypeError(
+        f"mod_filter must be a module class, a tuple of classes or a predicate, got {mod_filter!r}."
+    )
 
 
 class ActivationStatsCB(Callback):
@@ -135,7 +139,9 @@ class ActivationStatsCB(Callback):
 
     order = 0
 
-    def __init__(self, mod_filter: Any = None, bins: int = 40, hist_range: tuple[float, float] = (0.0, 10.0)) -> None:
+    def __init__(
+        self, mod_filter: Any = None, bins: int = 40, hist_range: tuple[float, float] = (0.0, 10.0)
+    ) -> None:
         self._filter = _module_filter(mod_filter)
         self.bins, self.hist_range = bins, hist_range
         self.names: list[str] = []
@@ -146,8 +152,10 @@ class ActivationStatsCB(Callback):
         picked = [(n, m) for n, m in unwrap_model(learn.model).named_modules() if self._filter(m)]
         if not picked:
             kinds = sorted({type(m).__name__ for m in learn.model.modules()})
-            raise ValueError(f"ActivationStatsCB's mod_filter picked none of the model's modules ({kinds}): "
-                             "pass a class the model uses, e.g. ActivationStatsCB(nn.ReLU).")
+            raise ValueError(
+                f"ActivationStatsCB's mod_filter picked none of the model's modules ({kinds}): "
+                "pass a class the model uses, e.g. ActivationStatsCB(nn.ReLU)."
+            )
         self.names = [f"{n} {type(m).__name__}" if n else type(m).__name__ for n, m in picked]
         self._modules = [m for _, m in picked]
         self._index = {id(m): i for i, m in enumerate(self._modules)}
@@ -234,7 +242,7 @@ class ActivationStatsCB(Callback):
         for ax, name, h in zip(axes, self.names, hists):
             ax.imshow(h.T.log1p().numpy(), origin="lower", aspect="auto", extent=(0, h.shape[0], lo, hi))
             ax.set_title(name, fontsize="small")
-        for ax in axes[len(self.names):]:
+        for ax in axes[len(self.names) :]:
             ax.set_axis_off()
         fig.supxlabel("batch")
         fig.supylabel("|activation|")

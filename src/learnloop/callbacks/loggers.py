@@ -66,8 +66,12 @@ class CSVLoggerCB(Callback):
         if header:
             self._fields = list(row)
         elif set(row) - set(self._fields):
-            log.warning("CSVLoggerCB: %s has columns %s; new values %s are not written.",
-                        self.path, self._fields, sorted(set(row) - set(self._fields)))
+            log.warning(
+                "CSVLoggerCB: %s has columns %s; new values %s are not written.",
+                self.path,
+                self._fields,
+                sorted(set(row) - set(self._fields)),
+            )
         self._write([row], mode="a", header=header)
 
     def _write(self, rows: list[dict[str, Any]], mode: str, header: bool) -> None:

@@ -39,8 +39,11 @@ def monitored_value(learn: Any, monitor: str, who: str) -> float:
     row = learn.epoch_log
     if monitor not in row:
         have = [k for k in row if k not in ("epoch", "time")]
-        hint = (f"available: {', '.join(have)}" if have
-                else "the epoch log is empty: attach MetricsCB (and keep validation on for valid_* values)")
+        hint = (
+            f"available: {', '.join(have)}"
+            if have
+            else "the epoch log is empty: attach MetricsCB (and keep validation on for valid_* values)"
+        )
         raise ValueError(f"{who} monitors {monitor!r}, which is not in learn.epoch_log; {hint}.")
     value = row[monitor]
     return float(value.item() if isinstance(value, Tensor) else value)
@@ -82,10 +85,13 @@ class CheckpointCB(Callback):
 
     order = 30  # after MetricsCB has finished the epoch's row
 
-    def __init__(self, path: PathLike = "checkpoints", every: int = 1, monitor: str | None = None,
-                 mode: str = "min") -> None:
+    def __init__(
+        self, path: PathLike = "checkpoints", every: int = 1, monitor: str | None = None, mode: str = "min"
+    ) -> None:
         if not isinstance(every, int) or every < 1:
-            raise ValueError(f"CheckpointCB every must be an int >= 1 (epochs between writes), got {every!r}.")
+            raise ValueError(
+                f"CheckpointCB every must be an int >= 1 (epochs between writes), got {every!r}."
+            )
         self.path, self.every = Path(path), every
         self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB") if monitor is not None else None
         self._due: tuple[bool, bool] | None = None  # (last, best) owed for the epoch that just ended
@@ -124,8 +130,12 @@ class CheckpointCB(Callback):
             save_checkpoint(learn, self.path / "last.pt")
         if best:
             save_checkpoint(learn, self.path / "best.pt")
-            log.info("CheckpointCB: %s improved to %.6g; wrote %s.", self._best.monitor, self.best,
-                     self.path / "best.pt")
+            log.info(
+                "CheckpointCB: %s improved to %.6g; wrote %s.",
+                self._best.monitor,
+                self.best,
+                self.path / "best.pt",
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far (for a resumed fit)."""
@@ -153,8 +163,14 @@ class EarlyStoppingCB(Callback):
 
     order = 90  # after the checkpoint and the progress table have seen the epoch
 
-    def __init__(self, monitor: str = "valid_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
-                 check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        monitor: str = "valid_loss",
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"EarlyStoppingCB patience must be an int >= 1 (epochs), got {patience!r}.")
         self._best = _Monitor(monitor, mode, min_delta, "EarlyStoppingCB")
@@ -187,8 +203,11 @@ class EarlyStoppingCB(Callback):
             return
         self.wait += 1
         if self.wait >= self.patience:
-            self._stop(StopReason.PATIENCE_EXHAUSTED, epoch,
-                       f"{self._best.monitor} did not improve on {self.best:.6g} for {self.wait} epochs")
+            self._stop(
+                StopReason.PATIENCE_EXHAUSTED,
+                epoch,
+                f"{self._best.monitor} did not improve on {self.best:.6g} for {self.wait} epochs",
+            )
 
     def _stop(self, reason: StopReason, epoch: int, why: str) -> None:
         self.stop_reason, self.stopped_epoch = reason, epoch
@@ -205,8 +224,10 @@ class EarlyStoppingCB(Callback):
 
     def __repr__(self) -> str:
         b = self._best
-        return (f"EarlyStoppingCB(monitor={b.monitor!r}, mode={b.mode!r}, patience={self.patience}, "
-                f"min_delta={b.min_delta})")
+        return (
+            f"EarlyStoppingCB(monitor={b.monitor!r}, mode={b.mode!r}, patience={self.patience}, "
+            f"min_delta={b.min_delta})"
+        )
 
 
 class TerminateOnNaNCB(Callback):
@@ -234,6 +255,11 @@ class TerminateOnNaNCB(Callback):
             return
         phase = "training" if learn.training else "validation"
         self.stopped_at, self.stop_reason = (learn.epoch, phase, learn.iter), StopReason.NON_FINITE_LOSS
-        log.warning("TerminateOnNaNCB: the loss is %s at epoch %d, %s batch %d; stopping the fit.",
-                    value, learn.epoch, phase, learn.iter)
+        log.warning(
+            "TerminateOnNaNCB: the loss is %s at epoch %d, %s batch %d; stopping the fit.",
+            value,
+            learn.epoch,
+            phase,
+            learn.iter,
+        )
         raise CancelFitException(f"loss is {value} at epoch {learn.epoch}, {phase} batch {learn.iter}")
