@@ -86,5 +86,10 @@ class TestTensorBoardCB:
     def test_writes_event_files(self, tmp_path):
         """With tensorboard installed, a fit writes an event file to log_dir."""
         pytest.importorskip("tensorboard")
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         learner(TensorBoardCB(tmp_path, batch_loss=True)).fit(2)
-        assert list(tmp_path.glob("events.out.tfevents.*"))
+        events = EventAccumulator(str(tmp_path))
+        events.Reload()
+        assert [e.step for e in events.Scalars("epoch/valid_loss")] == [0, 1]
+        assert len(events.Scalars("batch/train_loss")) == 12

@@ -114,7 +114,7 @@ class TensorBoardCB(Callback):
 
     def after_batch(self, learn: Any, loss: Any, **kwargs: Any) -> None:
         if self.batch_loss and learn.training and loss is not None:
-            self.writer.add_scalar("batch/train_loss", float(loss), self._step)
+            self.writer.add_scalar("batch/train_loss", float(loss.detach()), self._step)
             self._step += 1
 
     def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
