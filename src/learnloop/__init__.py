@@ -1,11 +1,15 @@
 """learnloop: a small, fast, callback-driven training loop for PyTorch."""
 
 from .callbacks.core import Callback
+from .callbacks.debug import LimitBatchesCB, SingleBatchCB
 from .callbacks.device import DeviceCB, default_device, to_device
 from .callbacks.distributed import DistributedCB, is_main_process, rank, world_size
+from .callbacks.hooks import ActivationStatsCB, Hook, Hooks
+from .callbacks.loggers import CSVLoggerCB, TensorBoardCB
 from .callbacks.metrics import Accuracy, MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
+from .callbacks.tracking import CheckpointCB, EarlyStoppingCB, StopReason, TerminateOnNaNCB
 from .data.loaders import DataLoaders
 from .events import (
     EVENTS,
@@ -25,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EVENTS",
     "Accuracy",
+    "ActivationStatsCB",
+    "CSVLoggerCB",
     "Callback",
     "CancelBackwardException",
     "CancelBatchException",
@@ -34,13 +40,22 @@ __all__ = [
     "CancelStepException",
     "CancelTrainException",
     "CancelValidException",
+    "CheckpointCB",
     "DataLoaders",
     "DeviceCB",
     "DistributedCB",
+    "EarlyStoppingCB",
+    "Hook",
+    "Hooks",
     "Learner",
+    "LimitBatchesCB",
     "MetricsCB",
     "ProgressCB",
     "Recorder",
+    "SingleBatchCB",
+    "StopReason",
+    "TensorBoardCB",
+    "TerminateOnNaNCB",
     "default_device",
     "is_main_process",
     "rank",

@@ -7,6 +7,8 @@ is built once per fit, so an event nobody listens to costs one dict lookup per b
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -16,18 +18,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .callbacks.core import Callback, check_callback, dispatch_table, sort_callbacks
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .events import (
     EVENTS,
     LEVELS,
     CancelBackwardException,
     CancelBatchException,
+    CancelEpochException,
     CancelException,
     CancelFitException,
     CancelStepException,
 )
 
 __all__ = ["Learner"]
+
+log = logging.getLogger(__name__)
 
 Hook = Callable[..., Any]
 
@@ -77,6 +83,7 @@ class Learner:
     cbs: list[Any]
     n_epochs: int
     epoch: int
+    epochs_done: int
     iter: int
     n_iter: int | None
     training: bool
@@ -114,7 +121,7 @@ class Learner:
         self.lr, self.opt_func = lr, opt_func
         self.opt = None
         self.cbs = []
-        self.n_epochs = self.epoch = self.iter = 0
+        self.n_epochs = self.epoch = self.epochs_done = self.iter = 0
         self.n_iter = None
         self.training = False
         self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
@@ -207,8 +214,13 @@ class Learner:
         valid: bool = True,
         cbs: Sequence[Any] | None = None,
         lr: float | None = None,
+        resume: str | os.PathLike[str] | None = None,
     ) -> None:
-        """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate."""
+        """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate.
+
+        `resume` (a checkpoint file, or a CheckpointCB folder meaning its `last.pt`) restores the
+        learner from it first and runs the epochs that remain up to `n_epochs` in all.
+        """
         if not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"n_epochs must be a non-negative int, got {n_epochs!r}.")
         if lr is not None and lr <= 0:
@@ -218,9 +230,17 @@ class Learner:
         extra = list(cbs or [])
         self.add_cbs(*extra)
         try:
+            start = 0
+            if resume is not None:
+                self.load(resume)
+                start = self.epochs_done
+                if start >= n_epochs:
+                    log.info("Nothing to resume: %s already holds %d epochs and fit asked for %d in all.",
+                             resume, start, n_epochs)
+                    return
             self._prepare_opt(lr)
             self.n_epochs = n_epochs
-            self._run_fit(n_epochs, train, valid and self.dls.valid is not None)
+            self._run_fit(n_epochs, train, valid and self.dls.valid is not None, start)
         finally:
             if extra:
                 self.remove_cbs(*extra)
@@ -234,12 +254,15 @@ class Learner:
             for group in self.opt.param_groups:
                 group["lr"] = lr
 
-    def _run_fit(self, n_epochs: int, train: bool, valid: bool) -> None:
+    def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
+        # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.
+        self.epoch = self.epochs_done = start
         try:
             self._fire("before_fit", n_epochs=n_epochs)
-            for epoch in range(self.epoch if self._resuming else 0, n_epochs):
+            for epoch in range(start, n_epochs):
                 self.epoch = epoch
                 self._run_level("epoch", lambda: self._one_epoch(train, valid), epoch=epoch)
+                self.epochs_done = epoch + 1  # also when the epoch was cancelled
         except CancelFitException as e:
             self._fire("after_cancel_fit", exception=e)
         except CancelException as e:
@@ -248,10 +271,7 @@ class Learner:
                 "raise it from a hook of that level (see learnloop.events)."
             ) from e
         finally:
-            self._resuming = False
             self._fire("after_fit", n_epochs=n_epochs)
-
-    _resuming = False
 
     def _run_level(self, level: str, body: Callable[[], None], **context: Any) -> None:
         """before_<level>, body, after_<level>; the level's Cancel exception skips to after_cancel_<level>."""
@@ -263,10 +283,16 @@ class Learner:
         self._fire(f"after_{level}", **context)
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
-        if train:
-            self._one_phase(self.dls.train, training=True)
-        if valid:
-            self._one_phase(self.dls.valid, training=False)
+        try:
+            if train:
+                self._one_phase(self.dls.train, training=True)
+            if valid:
+                self._one_phase(self.dls.valid, training=False)
+        except CancelEpochException:
+            self.epochs_done = self.epoch + 1
+            raise
+        # Counted before after_epoch fires, so a checkpoint written there resumes at the next epoch.
+        self.epochs_done = self.epoch + 1
 
     def _one_phase(self, dl: Iterable[Any], training: bool) -> None:
         self.training, self.dl = training, dl
@@ -348,6 +374,17 @@ class Learner:
             f"Batches must be (inputs, targets) tuples or lists, got {_describe(batch)}: "
             "yield (x, y) from your DataLoader, or override Learner.predict/get_loss."
         )
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, path: str | os.PathLike[str]) -> Learner:
+        """Write a checkpoint (model, optimizer, callback states, counters, RNG states) atomically to `path`."""
+        save_checkpoint(self, path)
+        return self
+
+    def load(self, path: str | os.PathLike[str]) -> Learner:
+        """Restore everything `save` wrote; a bad file raises ValueError and changes nothing."""
+        load_checkpoint(self, path)
+        return self
 
     # ---------------------------------------------------------------- inference
     def validate(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> dict[str, Any]:
