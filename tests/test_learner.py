@@ -175,6 +175,23 @@ class TestCleanup:
             tiny_learner([cb]).fit(1)
         assert cb.events[-1] == "after_fit"
 
+    def test_interrupted_fit_leaves_no_gradients(self):
+        """After a KeyboardInterrupt between backward and zero_grad, the next fit starts from clean gradients."""
+        cb = recorder(trigger="after_backward", exc=KeyboardInterrupt())
+        learn = tiny_learner([cb])
+        with pytest.raises(KeyboardInterrupt):
+            learn.fit(1)
+        assert any(p.grad is not None for p in learn.model.parameters())
+        grads = []
+
+        class Spy(Callback):
+            def before_backward(self, learn, *args, **kwargs):
+                grads.append([p.grad for p in learn.model.parameters()])
+
+        learn.remove_cbs(cb)
+        learn.fit(1, cbs=[Spy()])
+        assert grads[0] == [None, None]
+
     @pytest.mark.parametrize("fails", [False, True])
     def test_fit_only_callbacks_removed(self, fails):
         """Callbacks passed to fit(cbs=...) are gone afterwards, whether the fit ended well or not."""

@@ -220,6 +220,10 @@ def save_checkpoint(learn: Any, path: PathLike, epochs_done: int | None = None) 
     `epochs_done` is the epoch a resumed fit starts from; it defaults to `learn.epochs_done`, the
     epochs finished so far (an epoch counts once its phases ran, so from `after_epoch` too).
     """
+    from .callbacks.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun every rank holds the same state: rank 0 writes it
+        return Path(path)
     return atomic_save(checkpoint_state(learn, epochs_done), path)
 
 

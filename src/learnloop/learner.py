@@ -232,6 +232,8 @@ class Learner:
         try:
             start = 0
             if resume is not None:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
                 self.load(resume)
                 start = self.epochs_done
                 if start >= n_epochs:
@@ -253,6 +255,8 @@ class Learner:
         elif lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = lr
+        # A fit interrupted between backward and zero_grad left gradients behind: don't add to them.
+        self.opt.zero_grad()
 
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
         # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import make_data
 
-from learnloop import Accuracy, Callback, DataLoaders, Learner, MetricsCB
+from learnloop import Accuracy, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, Learner, MetricsCB
 from learnloop.callbacks.distributed import rank, world_size
 
 PER_RANK_BS = 8  # 2 processes: a global batch of 16
@@ -42,7 +42,8 @@ def main(out: Path) -> None:
     model = nn.Linear(4, 3)
     train, valid = make_data(N_TRAIN), make_data(N_VALID, seed=1)
     dls = DataLoaders(DataLoader(train, batch_size=PER_RANK_BS), DataLoader(valid, batch_size=PER_RANK_BS))
-    learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy())])
+    files = [CheckpointCB(out / "ck"), CSVLoggerCB(out / "history.csv")]  # rank 0 writes, alone
+    learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), *files])
     learn.fit(1)
     restored = learn.model is model and learn.dls is dls
     epoch_log = dict(learn.epoch_log)  # validate/get_preds below overwrite learn.epoch_log
@@ -57,7 +58,11 @@ def main(out: Path) -> None:
     shuffled = Learner(nn.Linear(1, 2), index_dls, cbs=[seen])
     shuffled.fit(2, valid=False)
 
+    resumed = Learner(nn.Linear(4, 3), dls, lr=0.5, cbs=[MetricsCB(Accuracy())])
+    resumed.fit(2, resume=out / "ck")  # every rank loads rank 0's checkpoint
+
     result = {
+        "resumed_epochs_done": resumed.epochs_done, "resumed_state": resumed.model.state_dict(),
         "world_size": world_size(), "state": model.state_dict(), "epoch_log": epoch_log,
         "validate": learn.validate(), "preds": preds, "targets": targets, "odd_preds": odd_preds,
         "shuffled_odd_preds": shuffled_odd_preds,

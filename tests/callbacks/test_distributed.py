@@ -20,7 +20,16 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRa
 
 from helpers import make_data
 
-from learnloop import Accuracy, DataLoaders, DistributedCB, Learner, MetricsCB, ProgressCB
+from learnloop import (
+    Accuracy,
+    CheckpointCB,
+    CSVLoggerCB,
+    DataLoaders,
+    DistributedCB,
+    Learner,
+    MetricsCB,
+    ProgressCB,
+)
 from learnloop.callbacks.distributed import is_main_process, rank, shard_loader, world_size
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -46,7 +55,7 @@ def ddp_run(tmp_path_factory) -> dict:
     """tests/callbacks/ddp_script.py run on 2 processes: what each rank saved, and what each printed."""
     tmp = tmp_path_factory.mktemp("ddp")
     stdout = torchrun([str(Path(__file__).with_name("ddp_script.py")), str(tmp)], tmp)
-    return {"stdout": stdout, **{r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in (0, 1)}}
+    return {"stdout": stdout, "out": tmp, **{r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in (0, 1)}}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +114,15 @@ class TestUnderTorchrun:
         assert "valid_loss" in ddp_run["stdout"][0]
         assert ddp_run["stdout"][1] == ""
 
+    def test_checkpoint_and_log_written_once_loaded_everywhere(self, ddp_run):
+        """Rank 0 alone writes the CSV log and checkpoint; every rank resumes from it to the same weights."""
+        lines = (ddp_run["out"] / "history.csv").read_text().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("epoch,")  # a header and one epoch, written once
+        assert (ddp_run["out"] / "ck" / "last.pt").is_file()
+        assert ddp_run[0]["resumed_epochs_done"] == ddp_run[1]["resumed_epochs_done"] == 2
+        for k, v in ddp_run[0]["resumed_state"].items():
+            assert torch.equal(v, ddp_run[1]["resumed_state"][k])
+
     def test_train_command_writes_on_rank0_only(self, tmp_path):
         """`learnloop train` runs unchanged under torchrun; only rank 0 prints and writes its files."""
         for r in (0, 1):
@@ -144,6 +162,15 @@ class TestDistributedCB:
         learn = Learner(model, dls, cbs=[DistributedCB()], default_cbs=False)
         with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
             learn.fit(1)
+
+    def test_no_files_off_rank0(self, monkeypatch, tmp_path, model, dls):
+        """On a rank other than 0, CheckpointCB, CSVLoggerCB and learn.save write no file."""
+        monkeypatch.setenv("RANK", "1")
+        cbs = [CheckpointCB(tmp_path / "ck"), CSVLoggerCB(tmp_path / "history.csv"), ProgressCB(bar=False)]
+        learn = Learner(model, dls, cbs=cbs)
+        learn.fit(2)
+        learn.save(tmp_path / "model.pt")
+        assert list(tmp_path.iterdir()) == []
 
     def test_progress_silent_off_rank0(self, monkeypatch, capsys, model, dls):
         """ProgressCB prints nothing on a rank other than 0."""

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..checkpoint import PathLike
 from .core import Callback
+from .distributed import is_main_process
 
 __all__ = ["CSVLoggerCB", "TensorBoardCB"]
 
@@ -40,9 +41,13 @@ class CSVLoggerCB(Callback):
     def __init__(self, path: PathLike = "history.csv") -> None:
         self.path = Path(path)
         self._fields: list[str] | None = None
+        self._active = True
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._fields = None
+        self._active = is_main_process()  # under torchrun only rank 0 writes
+        if not self._active:
+            return
         if learn.epoch > 0 and self.path.is_file():  # resumed: keep the rows of the epochs already done
             self._keep_rows_before(learn.epoch)
         else:
@@ -60,7 +65,7 @@ class CSVLoggerCB(Callback):
 
     def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         row = {k: _plain(v) for k, v in learn.epoch_log.items()}
-        if not row:
+        if not row or not self._active:
             return
         header = self._fields is None
         if header:
@@ -108,16 +113,21 @@ class TensorBoardCB(Callback):
         self._step = 0
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        if not is_main_process():  # under torchrun only rank 0 writes
+            self.writer = None
+            return
         self.writer = self._writer_cls(log_dir=None if self.log_dir is None else str(self.log_dir))
         per_epoch = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 0
         self._step = learn.epoch * per_epoch  # a resumed fit continues the batch axis
 
     def after_batch(self, learn: Any, loss: Any, **kwargs: Any) -> None:
-        if self.batch_loss and learn.training and loss is not None:
+        if self.writer is not None and self.batch_loss and learn.training and loss is not None:
             self.writer.add_scalar("batch/train_loss", float(loss.detach()), self._step)
             self._step += 1
 
     def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+        if self.writer is None:
+            return
         for key, value in learn.epoch_log.items():
             value = _plain(value)
             if key != "epoch" and isinstance(value, (int, float)):
