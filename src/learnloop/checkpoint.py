@@ -9,8 +9,8 @@ generators). The generators are what make a resumed fit reproduce the uninterrup
 
 Writes go to a temporary file in the target's folder, which is flushed, fsynced and renamed over
 the target, so a crash mid-write leaves the previous file intact. Loading checks the whole file
-against the learner before it changes anything. These functions write whenever they are called:
-deciding which process of a distributed run writes is left to the callers.
+against the learner before it changes anything. Under torchrun every rank holds the same state,
+so `save_checkpoint` writes on rank 0 only, and every rank loads.
 
 The callback protocol: `state_dict()` returns tensors and plain values; `load_state_dict(state)` is
 called by `load_checkpoint`, before `before_fit` of a resumed fit. A callback that builds its object
