@@ -247,6 +247,18 @@ class Learner:
             if extra:
                 self.remove_cbs(*extra)
 
+    def fit_one_cycle(self, n_epochs: int, lr_max: float | Sequence[float] | None = None, **kwargs: Any) -> None:
+        """Fit with the one-cycle policy (see `learnloop.callbacks.schedule.fit_one_cycle` for `kwargs`)."""
+        from .callbacks.schedule import fit_one_cycle
+
+        fit_one_cycle(self, n_epochs, lr_max, **kwargs)
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, **kwargs: Any) -> float:
+        """Sweep the learning rate, restore the learner, return the suggestion (see `callbacks.lr_finder`)."""
+        from .callbacks.lr_finder import lr_find
+
+        return lr_find(self, start_lr, end_lr, num_it, **kwargs)
+
     def _prepare_opt(self, lr: float | None) -> None:
         if lr is not None:
             self.lr = lr
