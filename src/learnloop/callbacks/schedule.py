@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -164,7 +165,7 @@ class _SchedCB(Callback):
             # accumulation or a skipped fp16 step delayed the first optimizer step.
             self._first = False
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
                 self.sched.step(*args)
         else:
             self.sched.step(*args)
