@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ def _probe_fn(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(device: str, backend: str) -> str | None:
+def _probe(device: str, backend: str | Callable[..., Any]) -> str | None:
     """None if `backend` compiles and runs a tiny function on `device`, else the error, one line."""
     try:
         x = torch.ones(3, device=device)
@@ -37,11 +38,11 @@ def _probe(device: str, backend: str) -> str | None:
             return "the compiled probe gave a wrong result"
     except Exception as e:  # any failure means: this platform cannot compile
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}"
+        return f"{type(e).__name__}: {first.rstrip('.')}"
     return None
 
 
-def check_compile(device: torch.device | str = "cpu", backend: str = "inductor") -> None:
+def check_compile(device: torch.device | str = "cpu", backend: str | Callable[..., Any] = "inductor") -> None:
     """Raise a RuntimeError that says what to do if `torch.compile` cannot work on `device` with `backend`."""
     error = _probe(str(torch.device(device)), backend)
     if error is not None:
@@ -54,7 +55,10 @@ def check_compile(device: torch.device | str = "cpu", backend: str = "inductor")
 
 
 class CompileCB(Callback):
-    """Compile the model with `torch.compile(**kwargs)` at the start of each fit (once per model).
+    """Compile the model with `torch.compile(backend=backend, **compile_kwargs)` at the first fit or validate.
+
+    `check=False` skips the probe (a tiny compile, a few seconds on a CPU) that turns a platform
+    without compiler support into a clear error.
 
     Example:
         >>> learn = Learner(model, dls, cbs=[CompileCB(mode="max-autotune")])  # doctest: +SKIP
@@ -62,7 +66,7 @@ class CompileCB(Callback):
 
     order = -15  # after DeviceCB (-20) has put the model on its device
 
-    def __init__(self, backend: str = "inductor", check: bool = True, **compile_kwargs: Any) -> None:
+    def __init__(self, backend: str | Callable[..., Any] = "inductor", check: bool = True, **compile_kwargs: Any) -> None:
         self.backend, self.check, self.compile_kwargs = backend, check, compile_kwargs
         self._compiled: Any = None
 
