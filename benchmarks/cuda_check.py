@@ -21,7 +21,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from learnloop import Callback, CompileCB, DataLoaders, DeviceCB, GradAccumCB, GradClipCB, Learner, MixedPrecisionCB
+from learnloop import (
+    Callback,
+    CompileCB,
+    DataLoaders,
+    DeviceCB,
+    GradAccumCB,
+    GradClipCB,
+    Learner,
+    MixedPrecisionCB,
+)
 
 
 def make_dls(pin: bool = False, n: int = 4096, bs: int = 256) -> DataLoaders:
@@ -54,7 +63,7 @@ def mean_loss(learn: Learner) -> float:
 
 
 def check_fp16_scaler(device: str) -> str:
-    """float16 autocast + GradScaler trains; a forced inf step is skipped (weights kept), counted, scale halved."""
+    """float16 + GradScaler trains; a forced inf step is skipped (weights kept), counted, scale halved."""
     seen_state: dict[str, object] = {}
 
     class InjectInf(Callback):
@@ -86,7 +95,9 @@ def check_fp16_scaler(device: str) -> str:
     assert seen_state["skipped_after"] == seen_state["skipped"] + 1, "the inf step was not counted"
     assert seen_state["scale_after"] == seen_state["scale"] / 2, "the loss scale did not halve"
     assert after < before * 0.9, f"loss did not fall: {before:.4f} -> {after:.4f}"
-    return f"loss {before:.3f} -> {after:.3f}, skipped {mp.skipped_per_epoch}, scale {mp.scaler.get_scale():g}"
+    return (
+        f"loss {before:.3f} -> {after:.3f}, skipped {mp.skipped_per_epoch}, scale {mp.scaler.get_scale():g}"
+    )
 
 
 def check_bf16(device: str) -> str:
@@ -158,7 +169,11 @@ def check_compile(device: str) -> str:
 
 
 CHECKS: list[Callable[[str], str]] = [
-    check_fp16_scaler, check_bf16, check_fp16_accum_clip, check_pinned_non_blocking, check_compile,
+    check_fp16_scaler,
+    check_bf16,
+    check_fp16_accum_clip,
+    check_pinned_non_blocking,
+    check_compile,
 ]
 
 
@@ -171,8 +186,10 @@ def main() -> int:
             print("CUDA is not available: no CUDA checks run (use --device cpu for a dry run). EXIT 0")
             return 0
         device = "cuda"
-    print(f"torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+    )
     counts = {"PASS": 0, "SKIP": 0, "FAIL": 0}
     for check in CHECKS:
         start = time.perf_counter()

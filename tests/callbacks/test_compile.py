@@ -30,7 +30,7 @@ class CountingBackend:
 
 class TestCompileCB:
     def test_model_is_compiled_in_place(self):
-        """The forward goes through torch.compile; learn.model and its state_dict keys stay the plain model's."""
+        """The forward goes through torch.compile; learn.model and its state_dict keys stay as they were."""
         backend = CountingBackend()
         model = mlp()
         keys = list(model.state_dict())

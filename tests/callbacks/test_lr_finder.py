@@ -116,6 +116,23 @@ class TestRestore:
         learn.lr_find(start_lr=1e-2, end_lr=1e8, num_it=40)
         assert mp.state_dict() == before
 
+    def test_opted_out_callbacks_are_detached(self):
+        """A callback with run_in_lr_find = False sees no sweep batch, and is attached again afterwards."""
+
+        class Tracker(Callback):
+            run_in_lr_find = False
+
+            def __init__(self):
+                self.batches = 0
+
+            def after_batch(self, learn, *args, **kwargs):
+                self.batches += 1
+
+        tracker = Tracker()
+        learn = Learner(small_model(), make_dls(n=320), cbs=[tracker])
+        learn.lr_find(num_it=10)
+        assert tracker.batches == 0 and tracker in learn.cbs
+
     def test_training_callbacks_take_part(self):
         """Callbacks that shape training (GradClipCB) run during the sweep."""
         clip = GradClipCB(1.0)

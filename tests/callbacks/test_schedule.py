@@ -99,8 +99,13 @@ class TestFitOneCycle:
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),
-        [({"total_steps": 0}, "total_steps"), ({"pct_start": 1.5}, "pct_start"), ({"div": 0}, "div"),
-         ({"moms": (0.9, 0.8)}, "moms"), ({"lr_max": -1.0}, "lr_max must be positive")],
+        [
+            ({"total_steps": 0}, "total_steps"),
+            ({"pct_start": 1.5}, "pct_start"),
+            ({"div": 0}, "div"),
+            ({"moms": (0.9, 0.8)}, "moms"),
+            ({"lr_max": -1.0}, "lr_max must be positive"),
+        ],
     )
     def test_bad_arguments(self, kwargs, match):
         """Bad OneCycle arguments raise ValueError naming the argument."""

@@ -32,6 +32,16 @@ def fit_weights(model: nn.Module, bs: int, n: int = 64, cbs=(), lr: float = 0.1,
     return [p.detach().clone() for p in model.parameters()]
 
 
+class IterableOnly:
+    """Wraps a loader so that it has no len()."""
+
+    def __init__(self, dl) -> None:
+        self.dl = dl
+
+    def __iter__(self):
+        return iter(self.dl)
+
+
 class CountSteps(Callback):
     """Counts optimizer steps through a post-step hook."""
 
@@ -102,7 +112,7 @@ class TestMixedPrecisionCB:
         assert set(seen) == {torch.bfloat16} and preds.dtype == torch.float32
 
     def test_fp16_scaler_skips_and_counts_an_inf_step(self, caplog):
-        """An inf gradient makes the GradScaler skip that step: weights unchanged, counted, logged, scale halved."""
+        """An inf gradient makes the GradScaler skip the step: weights kept, counted, logged, scale halved."""
         snapshots = {}
 
         class InjectInf(Callback):
@@ -189,6 +199,15 @@ class TestGradAccumCB:
 
         Learner(mlp(), make_dls(), cbs=[GradAccumCB(3), Spy()]).fit(1)
         assert len(pairs) == 6 and all(a is b for a, b in pairs)
+
+    def test_unsized_loader_drops_leftover_gradients(self):
+        """With a loader of unknown length, an unfinished group's gradients are dropped at the epoch's end."""
+        counter = CountSteps()
+        learn = Learner(mlp(), make_dls(), cbs=[GradAccumCB(4), counter], default_cbs=False)
+        learn.dls.train = IterableOnly(learn.dls.train)
+        learn.fit(1, valid=False)
+        assert counter.steps == 1  # 6 batches: one full group, 2 batches left over
+        assert all(p.grad is None for p in learn.model.parameters())
 
     @pytest.mark.parametrize("n_acc", [0, 2.5])
     def test_bad_n_acc(self, n_acc):

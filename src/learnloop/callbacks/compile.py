@@ -28,7 +28,7 @@ def _probe_fn(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x) * 2 + 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device: str, backend: str | Callable[..., Any]) -> str | None:
     """None if `backend` compiles and runs a tiny function on `device`, else the error, one line."""
     try:
@@ -66,7 +66,9 @@ class CompileCB(Callback):
 
     order = -15  # after DeviceCB (-20) has put the model on its device
 
-    def __init__(self, backend: str | Callable[..., Any] = "inductor", check: bool = True, **compile_kwargs: Any) -> None:
+    def __init__(
+        self, backend: str | Callable[..., Any] = "inductor", check: bool = True, **compile_kwargs: Any
+    ) -> None:
         self.backend, self.check, self.compile_kwargs = backend, check, compile_kwargs
         self._compiled: Any = None
 

@@ -37,7 +37,7 @@ from .schedule import BatchSchedCB, EpochSchedCB
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["LRFinderCB", "LRFindResult", "lr_find", "SUGGESTERS"]
+__all__ = ["SUGGESTERS", "LRFindResult", "LRFinderCB", "lr_find"]
 
 _DETACHED = (Recorder, MetricsCB, ProgressCB, BatchSchedCB, EpochSchedCB)
 
@@ -61,7 +61,8 @@ def _valley(lrs: list[float], losses: list[float]) -> int:
 def _steep(lrs: list[float], losses: list[float]) -> int:
     """Where the loss falls fastest against log(lr)."""
     slopes = [
-        (losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i])) for i in range(len(losses) - 1)
+        (losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
+        for i in range(len(losses) - 1)
     ]
     return min(range(len(slopes)), key=slopes.__getitem__)
 
@@ -79,7 +80,7 @@ SUGGESTERS: dict[str, Callable[[list[float], list[float]], int]] = {
 
 
 class LRFindResult(float):
-    """The suggested learning rate (a float), carrying the sweep: `.lrs`, `.losses`, `.smoothed`, `.plot()`."""
+    """A float, the suggested lr, with the sweep: `.lrs`, `.losses`, `.smoothed`, `.plot()`."""
 
     lrs: list[float]
     losses: list[float]
@@ -87,8 +88,12 @@ class LRFindResult(float):
     method: str
 
     def __new__(
-        cls, value: float, lrs: Sequence[float] = (), losses: Sequence[float] = (),
-        smoothed: Sequence[float] = (), method: str = "valley",
+        cls,
+        value: float,
+        lrs: Sequence[float] = (),
+        losses: Sequence[float] = (),
+        smoothed: Sequence[float] = (),
+        method: str = "valley",
     ) -> LRFindResult:
         self = super().__new__(cls, value)
         self.lrs, self.losses, self.smoothed, self.method = list(lrs), list(losses), list(smoothed), method
@@ -135,8 +140,13 @@ class LRFinderCB(Callback):
     order = -10  # set the lr in before_batch before anyone reads it
 
     def __init__(
-        self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
-        stop_div: bool = True, div_factor: float = 4.0, beta: float = 0.98,
+        self,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        stop_div: bool = True,
+        div_factor: float = 4.0,
+        beta: float = 0.98,
     ) -> None:
         if not 0 < start_lr < end_lr:
             raise ValueError(f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}.")

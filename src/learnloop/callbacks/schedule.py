@@ -22,7 +22,7 @@ import torch
 
 from .core import Callback
 
-__all__ = ["BatchSchedCB", "EpochSchedCB", "OneCycle", "fit_one_cycle", "cos_interp"]
+__all__ = ["BatchSchedCB", "EpochSchedCB", "OneCycle", "cos_interp", "fit_one_cycle"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list
         return [float(value)] * n_groups
     values = [float(v) for v in value]
     if len(values) != n_groups:
-        raise ValueError(f"{name} has {len(values)} values for {n_groups} parameter groups: give one per group.")
+        raise ValueError(
+            f"{name} has {len(values)} values for {n_groups} parameter groups: give one per group."
+        )
     return values
 
 
@@ -165,7 +167,9 @@ class _SchedCB(Callback):
             # accumulation or a skipped fp16 step delayed the first optimizer step.
             self._first = False
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+                warnings.filterwarnings(
+                    "ignore", message=re.escape("Detected call of `lr_scheduler.step()` before")
+                )
                 self.sched.step(*args)
         else:
             self.sched.step(*args)
@@ -233,7 +237,12 @@ def fit_one_cycle(
             "use a sized DataLoader, or BatchSchedCB(partial(OneCycle, total_steps=..., lr_max=...))."
         )
     factory = partial(
-        OneCycle, total_steps=max(n_epochs * n_iter, 1), lr_max=lr_max,
-        pct_start=pct_start, div=div, div_final=div_final, moms=moms,
+        OneCycle,
+        total_steps=max(n_epochs * n_iter, 1),
+        lr_max=lr_max,
+        pct_start=pct_start,
+        div=div,
+        div_final=div_final,
+        moms=moms,
     )
     learn.fit(n_epochs, cbs=[BatchSchedCB(factory), *(cbs or [])])

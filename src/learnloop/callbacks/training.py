@@ -24,7 +24,12 @@ __all__ = ["GradAccumCB", "GradClipCB", "MixedPrecisionCB"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def _to_float(obj: Any) -> Any:
@@ -55,10 +60,14 @@ class MixedPrecisionCB(Callback):
     def __init__(self, dtype: torch.dtype | str | None = None, init_scale: float = 2.0**16) -> None:
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
-                raise ValueError(f"MixedPrecisionCB(dtype={dtype!r}): choose one of {sorted(_DTYPES)} or a torch dtype.")
+                raise ValueError(
+                    f"MixedPrecisionCB(dtype={dtype!r}): choose one of {sorted(_DTYPES)} or a torch dtype."
+                )
             dtype = _DTYPES[dtype]
         if dtype not in (None, torch.float16, torch.bfloat16):
-            raise ValueError(f"MixedPrecisionCB(dtype={dtype}): use torch.float16, torch.bfloat16 or None (auto).")
+            raise ValueError(
+                f"MixedPrecisionCB(dtype={dtype}): use torch.float16, torch.bfloat16 or None (auto)."
+            )
         self.dtype, self.init_scale = dtype, init_scale
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped_steps = 0
@@ -79,7 +88,9 @@ class MixedPrecisionCB(Callback):
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._setup(learn)
         self.skipped_steps, self.skipped_per_epoch = 0, []
-        self._hook = learn.opt.register_step_post_hook(self._mark_stepped) if self.scaler is not None else None
+        self._hook = (
+            learn.opt.register_step_post_hook(self._mark_stepped) if self.scaler is not None else None
+        )
 
     def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._setup(learn)  # validate()/get_preds() fire no before_fit
@@ -130,8 +141,11 @@ class MixedPrecisionCB(Callback):
         self.skipped_per_epoch.append(self._epoch_skipped)
         if self._epoch_skipped:
             log.info(
-                "MixedPrecisionCB: %d optimizer steps skipped in epoch %d (inf/nan gradients); loss scale now %g.",
-                self._epoch_skipped, learn.epoch, self.scaler.get_scale(),
+                "MixedPrecisionCB: %d optimizer steps skipped in epoch %d (inf/nan gradients); "
+                "loss scale now %g.",
+                self._epoch_skipped,
+                learn.epoch,
+                self.scaler.get_scale(),
             )
 
     def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
