@@ -73,7 +73,9 @@ class MixedPrecisionCB(Callback):
         self.skipped_steps = 0
         self.skipped_per_epoch: list[int] = []
         self._autocast: Any = None
+        self._hook: Any = None
         self._device_type = "cpu"
+        self._epoch_skipped = 0
 
     def _setup(self, learn: Any) -> None:
         first = next(learn.model.parameters(), None)
@@ -150,7 +152,7 @@ class MixedPrecisionCB(Callback):
 
     def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._exit_autocast()
-        if getattr(self, "_hook", None) is not None:
+        if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
