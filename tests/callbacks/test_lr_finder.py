@@ -9,7 +9,18 @@ import torch
 from helpers import make_dls
 from torch import nn
 
-from learnloop import Callback, GradClipCB, Learner, LRFinderCB, LRFindResult, MetricsCB, MixedPrecisionCB
+from learnloop import (
+    Callback,
+    CheckpointCB,
+    CSVLoggerCB,
+    EarlyStoppingCB,
+    GradClipCB,
+    Learner,
+    LRFinderCB,
+    LRFindResult,
+    MetricsCB,
+    MixedPrecisionCB,
+)
 
 
 def small_model() -> nn.Module:
@@ -132,6 +143,14 @@ class TestRestore:
         learn = Learner(small_model(), make_dls(n=320), cbs=[tracker])
         learn.lr_find(num_it=10)
         assert tracker.batches == 0 and tracker in learn.cbs
+
+    def test_tracking_callbacks_sit_out(self, tmp_path):
+        """Checkpoints, early stopping and logs see nothing of the sweep; epochs_done is unchanged."""
+        cbs = [CheckpointCB(tmp_path / "ck"), EarlyStoppingCB(patience=1), CSVLoggerCB(tmp_path / "log.csv")]
+        learn = Learner(small_model(), make_dls(n=320), cbs=cbs)
+        learn.lr_find(num_it=30)
+        assert not (tmp_path / "ck").exists() and not (tmp_path / "log.csv").exists()
+        assert learn.epochs_done == 0
 
     def test_training_callbacks_take_part(self):
         """Callbacks that shape training (GradClipCB) run during the sweep."""

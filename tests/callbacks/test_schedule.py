@@ -10,7 +10,16 @@ import torch
 from helpers import make_dls
 from torch import nn
 
-from learnloop import BatchSchedCB, Callback, EpochSchedCB, GradAccumCB, Learner, OneCycle
+from learnloop import (
+    BatchSchedCB,
+    Callback,
+    CancelFitException,
+    CheckpointCB,
+    EpochSchedCB,
+    GradAccumCB,
+    Learner,
+    OneCycle,
+)
 
 
 class RecordHypers(Callback):
@@ -96,6 +105,24 @@ class TestFitOneCycle:
         b = OneCycle(opt, total_steps=20, lr_max=0.1)
         b.load_state_dict(a.state_dict())
         assert b.get_last_lr() == a.get_last_lr() == pytest.approx(b.lr_at(7))
+
+    def test_resume_continues_the_schedule(self, tmp_path):
+        """A one-cycle fit stopped after 2 of 4 epochs and resumed from its checkpoint gets the same lrs."""
+
+        class StopAfter(Callback):
+            order = 100  # after CheckpointCB has written the epoch
+
+            def after_epoch(self, learn, epoch, **kwargs):
+                if epoch == 1:
+                    raise CancelFitException()
+
+        full = Learner(nn.Linear(4, 3), make_dls())
+        full.fit_one_cycle(4, lr_max=0.1)
+        first = Learner(nn.Linear(4, 3), make_dls(), cbs=[CheckpointCB(tmp_path)])
+        first.fit_one_cycle(4, lr_max=0.1, cbs=[StopAfter()])
+        resumed = Learner(nn.Linear(4, 3), make_dls(), cbs=[CheckpointCB(tmp_path)])
+        resumed.fit_one_cycle(4, lr_max=0.1, resume=tmp_path)
+        assert resumed.recorder.lrs == full.recorder.lrs[12:]
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),

@@ -11,8 +11,8 @@ from helpers import make_dls
 from torch import nn
 
 from learnloop import (
-    CancelBatchException,
     Callback,
+    CancelBatchException,
     GradAccumCB,
     GradClipCB,
     Learner,
@@ -152,6 +152,21 @@ class TestMixedPrecisionCB:
         Learner(mlp(), make_dls(), cbs=[b]).fit(1)
         b.load_state_dict(a.state_dict())
         assert b.scaler.get_scale() == a.scaler.get_scale() == 8.0
+
+    def test_resume_restores_the_loss_scale(self, tmp_path):
+        """A checkpoint carries the GradScaler's scale into a resumed fit."""
+        first = Learner(mlp(), make_dls(), cbs=[MixedPrecisionCB("fp16", init_scale=64.0)])
+        first.fit(1)
+        first.save(tmp_path / "ck.pt")
+        mp = MixedPrecisionCB("fp16")  # default init_scale 2**16
+        scales = []
+
+        class Spy(Callback):
+            def before_train(self, learn, *args, **kwargs):
+                scales.append(mp.scaler.get_scale())
+
+        Learner(mlp(), make_dls(), cbs=[mp, Spy()]).fit(2, resume=tmp_path / "ck.pt")
+        assert scales == [64.0]
 
     @pytest.mark.parametrize("dtype", ["fp8", torch.float32])
     def test_bad_dtype(self, dtype):

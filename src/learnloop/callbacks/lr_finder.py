@@ -3,15 +3,16 @@
 The sweep is a short fit with `LRFinderCB` attached. Around it, `lr_find` saves and then
 restores, bit for bit: the model's parameters and buffers, the optimizer (its `state_dict`,
 state and param_groups; no optimizer afterwards if there was none before), the random number
-generators (torch, CUDA, `random`, numpy), `learn.epoch`, `n_epochs` and `epoch_log`, and the
+generators (torch, CUDA, `random`, numpy), `learn.epoch`, `epochs_done`, `n_epochs` and `epoch_log`, and the
 `state_dict()` of callbacks that have one (e.g. the GradScaler of `MixedPrecisionCB`). This holds
 when the sweep stops early on divergence and when it raises.
 
-What the sweep runs with: the callbacks that shape training (DeviceCB, MixedPrecisionCB,
-GradClipCB, your own) stay attached; those that report or schedule a fit (Recorder, MetricsCB,
-ProgressCB, BatchSchedCB, EpochSchedCB, and any callback with `run_in_lr_find = False`) are
-detached for the sweep, so the Recorder and the metrics history still describe your last real
-fit. The sweep's own record is on the returned `LRFindResult`.
+What the sweep runs with: the callbacks that shape training (DeviceCB, DistributedCB,
+MixedPrecisionCB, GradAccumCB, GradClipCB, your own) stay attached; those that report, schedule or
+track a fit (Recorder, MetricsCB, ProgressCB, the schedulers, CheckpointCB, EarlyStoppingCB,
+TerminateOnNaNCB, the loggers, ActivationStatsCB, and any callback with `run_in_lr_find = False`)
+are detached for the sweep, so the Recorder, the metrics history, the logs and the checkpoints
+still describe your last real fit. The sweep's own record is on the returned `LRFindResult`.
 
 Reading the loss for the divergence test costs one host sync per sweep batch; the sweep is short.
 """
@@ -29,17 +30,33 @@ import torch
 
 from ..events import CancelFitException
 from .core import Callback
+from .hooks import ActivationStatsCB
+from .loggers import CSVLoggerCB, TensorBoardCB
 from .metrics import MetricsCB
 from .progress import ProgressCB
 from .recorder import Recorder
 from .schedule import BatchSchedCB, EpochSchedCB
+from .tracking import CheckpointCB, EarlyStoppingCB, TerminateOnNaNCB
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["SUGGESTERS", "LRFindResult", "LRFinderCB", "lr_find"]
 
-_DETACHED = (Recorder, MetricsCB, ProgressCB, BatchSchedCB, EpochSchedCB)
+# Callbacks that report, schedule or track a fit: the sweep runs without them.
+_DETACHED = (
+    Recorder,
+    MetricsCB,
+    ProgressCB,
+    BatchSchedCB,
+    EpochSchedCB,
+    CheckpointCB,
+    EarlyStoppingCB,
+    TerminateOnNaNCB,
+    CSVLoggerCB,
+    TensorBoardCB,
+    ActivationStatsCB,
+)
 
 
 def _valley(lrs: list[float], losses: list[float]) -> int:
@@ -227,7 +244,12 @@ def _snapshot(learn: Any) -> dict[str, Any]:
         "training": model.training,
         "opt": None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
         "rng": rng,
-        "attrs": {"epoch": learn.epoch, "n_epochs": learn.n_epochs, "epoch_log": dict(learn.epoch_log)},
+        "attrs": {
+            "epoch": learn.epoch,
+            "epochs_done": learn.epochs_done,
+            "n_epochs": learn.n_epochs,
+            "epoch_log": dict(learn.epoch_log),
+        },
         "cbs": list(learn.cbs),
         "cb_states": {
             id(cb): copy.deepcopy(cb.state_dict())

@@ -154,12 +154,24 @@ class _SchedCB(Callback):
             )
         self.sched_factory = sched_factory
         self.sched: Any = None
+        self._loaded: dict[str, Any] | None = None
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self.sched = self.sched_factory(learn.opt)
         if not callable(getattr(self.sched, "step", None)):
             raise TypeError(f"sched_factory returned {self.sched!r}, which has no step() method.")
+        if self._loaded is not None:  # a resumed fit: continue the schedule where the checkpoint left it
+            self.sched.load_state_dict(self._loaded)
+            self._loaded = None
         self._first = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's state (empty before the first fit), for checkpoints."""
+        return {"sched": self.sched.state_dict()} if self.sched is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep `state` for the scheduler that the next fit builds."""
+        self._loaded = state.get("sched")
 
     def _step(self, *args: Any) -> None:
         if self._first:
@@ -227,8 +239,12 @@ def fit_one_cycle(
     div_final: float = 1e5,
     moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
     cbs: Sequence[Any] | None = None,
+    **fit_kwargs: Any,
 ) -> None:
-    """Fit `learn` for `n_epochs` with the one-cycle policy peaking at `lr_max` (default `learn.lr`)."""
+    """Fit `learn` for `n_epochs` with the one-cycle policy peaking at `lr_max` (default `learn.lr`).
+
+    `fit_kwargs` go to `learn.fit` (e.g. `resume=folder` continues the schedule from a checkpoint).
+    """
     lr_max = learn.lr if lr_max is None else lr_max
     n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else None
     if n_iter is None:
@@ -245,4 +261,4 @@ def fit_one_cycle(
         div_final=div_final,
         moms=moms,
     )
-    learn.fit(n_epochs, cbs=[BatchSchedCB(factory), *(cbs or [])])
+    learn.fit(n_epochs, cbs=[BatchSchedCB(factory), *(cbs or [])], **fit_kwargs)

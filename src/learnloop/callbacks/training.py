@@ -76,6 +76,7 @@ class MixedPrecisionCB(Callback):
         self._hook: Any = None
         self._device_type = "cpu"
         self._epoch_skipped = 0
+        self._loaded: dict[str, Any] | None = None
 
     def _setup(self, learn: Any) -> None:
         first = next(learn.model.parameters(), None)
@@ -86,6 +87,9 @@ class MixedPrecisionCB(Callback):
             self._dtype = self.dtype
         if self._dtype == torch.float16 and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self._device_type, init_scale=self.init_scale)
+        if self.scaler is not None and self._loaded:  # state from a checkpoint, loaded before the fit
+            self.scaler.load_state_dict(self._loaded)
+        self._loaded = None
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._setup(learn)
@@ -169,9 +173,11 @@ class MixedPrecisionCB(Callback):
         return self.scaler.state_dict() if self.scaler is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the GradScaler's state."""
+        """Restore the GradScaler's state (kept until the fit makes the scaler, if it has not yet)."""
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+        else:
+            self._loaded = dict(state)
 
     def __repr__(self) -> str:
         return f"MixedPrecisionCB(dtype={self.dtype})"
