@@ -167,7 +167,9 @@ class _SchedCB(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state (empty before the first fit), for checkpoints."""
-        return {"sched": self.sched.state_dict()} if self.sched is not None else {}
+        if self.sched is None:
+            return {} if self._loaded is None else {"sched": self._loaded}
+        return {"sched": self.sched.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep `state` for the scheduler that the next fit builds."""

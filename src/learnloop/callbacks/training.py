@@ -169,8 +169,8 @@ class MixedPrecisionCB(Callback):
             ctx.__exit__(None, None, None)
 
     def state_dict(self) -> dict[str, Any]:
-        """The GradScaler's state (empty without one)."""
-        return self.scaler.state_dict() if self.scaler is not None else {}
+        """The GradScaler's state (empty without one, or the loaded state it will get)."""
+        return self.scaler.state_dict() if self.scaler is not None else dict(self._loaded or {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the GradScaler's state (kept until the fit makes the scaler, if it has not yet)."""
