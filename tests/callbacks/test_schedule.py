@@ -53,6 +53,19 @@ class TestFitOneCycle:
         assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
         assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :]))
 
+    def test_length_of_the_loader_the_fit_reads(self):
+        """The schedule is sized at fit start, so a loader swapped there (a DDP shard) still ends the cycle."""
+
+        class HalveLoader(Callback):
+            order = -10  # like DistributedCB, which shards learn.dls in before_fit
+
+            def before_fit(self, learn, *args, **kwargs):
+                learn.dls = make_dls(n=48)  # 3 batches instead of 6
+
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[HalveLoader()])
+        learn.fit_one_cycle(2, lr_max=0.1)
+        assert len(learn.recorder.lrs) == 6 and learn.recorder.lrs[-1] == pytest.approx(0.1 / 1e5)
+
     def test_recorder_lr_plot_shows_the_schedule(self):
         """The Recorder's lr plot draws the one-cycle curve it recorded."""
         learn = Learner(nn.Linear(4, 3), make_dls())

@@ -15,7 +15,6 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -196,8 +195,7 @@ class BatchSchedCB(_SchedCB):
     """Steps a scheduler made by `sched_factory(opt)` after every training batch.
 
     Example:
-        >>> from functools import partial
-        >>> sched = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=60)  # doctest: +SKIP
+        >>>         >>> sched = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=60)  # doctest: +SKIP
         >>> learn.fit(10, cbs=[BatchSchedCB(sched)])  # doctest: +SKIP
     """
 
@@ -248,19 +246,15 @@ def fit_one_cycle(
     `fit_kwargs` go to `learn.fit` (e.g. `resume=folder` continues the schedule from a checkpoint).
     """
     lr_max = learn.lr if lr_max is None else lr_max
-    n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else None
-    if n_iter is None:
+    if not hasattr(learn.dls.train, "__len__"):
         raise TypeError(
             "fit_one_cycle needs the number of training batches, but dls.train has no len(): "
             "use a sized DataLoader, or BatchSchedCB(partial(OneCycle, total_steps=..., lr_max=...))."
         )
-    factory = partial(
-        OneCycle,
-        total_steps=max(n_epochs * n_iter, 1),
-        lr_max=lr_max,
-        pct_start=pct_start,
-        div=div,
-        div_final=div_final,
-        moms=moms,
-    )
+
+    def factory(opt: torch.optim.Optimizer) -> OneCycle:
+        # Called at before_fit, so the length is that of the loader the fit reads (a shard under DDP).
+        total = max(n_epochs * len(learn.dls.train), 1)
+        return OneCycle(opt, total, lr_max, pct_start=pct_start, div=div, div_final=div_final, moms=moms)
+
     learn.fit(n_epochs, cbs=[BatchSchedCB(factory), *(cbs or [])], **fit_kwargs)
