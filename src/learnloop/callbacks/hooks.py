@@ -137,6 +137,8 @@ class ActivationStatsCB(Callback):
         >>> stats.plot_stats().savefig("stats.png")  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 0
 
     def __init__(

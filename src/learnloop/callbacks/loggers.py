@@ -36,6 +36,8 @@ class CSVLoggerCB(Callback):
         >>> learn.fit(3, cbs=[CSVLoggerCB("history.csv")])  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 40  # after MetricsCB has finished the row, before EarlyStoppingCB may stop the fit
 
     def __init__(self, path: PathLike = "history.csv") -> None:
@@ -99,6 +101,8 @@ class TensorBoardCB(Callback):
     Example:
         >>> learn.fit(3, cbs=[TensorBoardCB("runs/exp1")])  # doctest: +SKIP
     """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 40
 

@@ -30,13 +30,6 @@ import torch
 
 from ..events import CancelFitException
 from .core import Callback
-from .hooks import ActivationStatsCB
-from .loggers import CSVLoggerCB, TensorBoardCB
-from .metrics import MetricsCB
-from .progress import ProgressCB
-from .recorder import Recorder
-from .schedule import BatchSchedCB, EpochSchedCB
-from .tracking import CheckpointCB, EarlyStoppingCB, TerminateOnNaNCB
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,19 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["SUGGESTERS", "LRFindResult", "LRFinderCB", "lr_find"]
 
 # Callbacks that report, schedule or track a fit: the sweep runs without them.
-_DETACHED = (
-    Recorder,
-    MetricsCB,
-    ProgressCB,
-    BatchSchedCB,
-    EpochSchedCB,
-    CheckpointCB,
-    EarlyStoppingCB,
-    TerminateOnNaNCB,
-    CSVLoggerCB,
-    TensorBoardCB,
-    ActivationStatsCB,
-)
 
 
 def _valley(lrs: list[float], losses: list[float]) -> int:
@@ -223,7 +203,7 @@ class LRFinderCB(Callback):
 
 
 def _detach_for_sweep(cb: Any) -> bool:
-    return isinstance(cb, _DETACHED) or getattr(cb, "run_in_lr_find", True) is False
+    return getattr(cb, "run_in_lr_find", True) is False
 
 
 def _snapshot(learn: Any) -> dict[str, Any]:

@@ -88,6 +88,8 @@ class MetricsCB(Callback):
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 10
 
     def __init__(self, *metrics: Any, **named_metrics: Any) -> None:

@@ -57,6 +57,8 @@ class ProgressCB(Callback):
         >>> learn = Learner(model, dls, cbs=[ProgressCB(plot=True)])  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 60
 
     def __init__(

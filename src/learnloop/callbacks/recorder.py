@@ -38,6 +38,8 @@ class Recorder(Callback):
         >>> learn.recorder.plot_loss().savefig("loss.png")  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 20
 
     def __init__(self) -> None:

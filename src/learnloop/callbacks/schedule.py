@@ -199,6 +199,8 @@ class BatchSchedCB(_SchedCB):
         >>> learn.fit(10, cbs=[BatchSchedCB(sched)])  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         if learn.training:
             self._step()
@@ -213,6 +215,8 @@ class EpochSchedCB(_SchedCB):
         >>> sched = partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.5)  # doctest: +SKIP
         >>> learn.fit(10, cbs=[EpochSchedCB(sched)])  # doctest: +SKIP
     """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
 
     def __init__(self, sched_factory: SchedFactory, monitor: str = "valid_loss") -> None:
         super().__init__(sched_factory)

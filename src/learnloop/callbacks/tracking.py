@@ -83,6 +83,8 @@ class CheckpointCB(Callback):
         >>> Learner(model, dls).fit(8, cbs=[CheckpointCB("ckpt")], resume="ckpt")  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 30  # after MetricsCB has finished the epoch's row
 
     def __init__(
@@ -160,6 +162,8 @@ class EarlyStoppingCB(Callback):
     Example:
         >>> learn.fit(50, cbs=[EarlyStoppingCB("valid_loss", patience=3)])  # doctest: +SKIP
     """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 90  # after the checkpoint and the progress table have seen the epoch
 
@@ -239,6 +243,8 @@ class TerminateOnNaNCB(Callback):
     Example:
         >>> learn.fit(10, cbs=[TerminateOnNaNCB()])  # doctest: +SKIP
     """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 15  # right after MetricsCB has recorded the loss
 
