@@ -5,6 +5,7 @@ from .callbacks.core import Callback
 from .callbacks.debug import LimitBatchesCB, SingleBatchCB
 from .callbacks.device import DeviceCB, default_device, to_device
 from .callbacks.distributed import DistributedCB, is_main_process, rank, world_size
+from .callbacks.gather import GatherPredsCB
 from .callbacks.hooks import ActivationStatsCB, Hook, Hooks
 from .callbacks.loggers import CSVLoggerCB, TensorBoardCB
 from .callbacks.lr_finder import LRFinderCB, LRFindResult
@@ -51,6 +52,7 @@ __all__ = [
     "DeviceCB",
     "DistributedCB",
     "EarlyStoppingCB",
+    "GatherPredsCB",
     "EpochSchedCB",
     "GradAccumCB",
     "GradClipCB",

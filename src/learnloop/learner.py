@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,8 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .callbacks.core import Callback, check_callback, dispatch_table, sort_callbacks
+from .callbacks.gather import GatherPredsCB
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
+from .errors import add_note, check_not_empty, describe
 from .events import (
     EVENTS,
     LEVELS,
@@ -36,25 +37,6 @@ __all__ = ["Learner"]
 log = logging.getLogger(__name__)
 
 Hook = Callable[..., Any]
-
-
-def _add_note(e: BaseException, note: str) -> None:
-    """Attach `note` to `e` once (shown under the traceback on Python >= 3.11)."""
-    if getattr(e, "_learnloop_noted", False):
-        return
-    if sys.version_info >= (3, 11):
-        e.add_note(note)
-    else:  # pragma: no cover - 3.10 has no add_note; keep the text where tools look for it
-        e.__notes__ = [*getattr(e, "__notes__", []), note]  # type: ignore[attr-defined]
-    e._learnloop_noted = True  # type: ignore[attr-defined]
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-    if isinstance(x, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in x) + ")"
-    return type(x).__name__
 
 
 class Learner:
@@ -116,7 +98,7 @@ class Learner:
             raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
-        _check_not_empty(dls.train, "train")
+        check_not_empty(dls.train, "train")
         self.model, self.dls, self.loss_func = model, dls, loss_func
         self.lr, self.opt_func = lr, opt_func
         self.opt = None
@@ -175,7 +157,7 @@ class Learner:
             except CancelException:
                 raise
             except Exception as e:
-                _add_note(e, f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).")
+                add_note(e, f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).")
                 raise
 
     def _where(self) -> str:
@@ -226,7 +208,7 @@ class Learner:
         if lr is not None and lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if train:
-            _check_not_empty(self.dls.train, "train")
+            check_not_empty(self.dls.train, "train")
         extra = list(cbs or [])
         self.add_cbs(*extra)
         try:
@@ -368,12 +350,12 @@ class Learner:
         except CancelException:
             raise
         except Exception as e:
-            note = f"learnloop: raised in {what} ({self._where()}); inputs {_describe(self.xb)}"
+            note = f"learnloop: raised in {what} ({self._where()}); inputs {describe(self.xb)}"
             if piece.__name__ != "predict":
-                note += f", preds {_describe(self.preds)}, targets {_describe(self.yb)}"
+                note += f", preds {describe(self.preds)}, targets {describe(self.yb)}"
             if piece.__name__ == "backward":
-                note += f", loss {_describe(self.loss)}"
-            _add_note(e, note + ".")
+                note += f", loss {describe(self.loss)}"
+            add_note(e, note + ".")
             raise
 
     def _split_batch(self, batch: Any) -> None:
@@ -387,7 +369,7 @@ class Learner:
                 "pass collate_fn=collate_dict(dataset) to the DataLoader, or use DataLoaders.from_dd."
             )
         raise TypeError(
-            f"Batches must be (inputs, targets) tuples or lists, got {_describe(batch)}: "
+            f"Batches must be (inputs, targets) tuples or lists, got {describe(batch)}: "
             "yield (x, y) from your DataLoader, or override Learner.predict/get_loss."
         )
 
@@ -415,7 +397,7 @@ class Learner:
 
     def get_preds(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
         """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph."""
-        gather = _GatherPreds()
+        gather = GatherPredsCB()
         self._evaluate(dl, [gather, *(cbs or [])])
         return gather.result()
 
@@ -432,42 +414,6 @@ class Learner:
 
     def __repr__(self) -> str:
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
-
-
-class _GatherPreds(Callback):
-    """Collects detached CPU predictions and targets batch by batch (for `get_preds`)."""
-
-    order = 100
-
-    def __init__(self) -> None:
-        self.preds: list[Tensor] = []
-        self.targets: list[Tensor] = []
-        self.dl: Any = None
-
-    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self.dl = learn.dl  # the loader actually read (a shard of it under DistributedCB)
-
-    def after_loss(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self.preds.append(learn.preds.detach().cpu())
-        self.targets.append(learn.yb.detach().cpu())
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        from .callbacks.distributed import gather_in_order  # a no-op outside torch.distributed
-
-        self.preds, self.targets = gather_in_order(self.preds, self.targets, self.dl)
-        if not self.preds:
-            raise ValueError("get_preds saw no batches: the loader is empty.")
-        return torch.cat(self.preds), torch.cat(self.targets)
-
-
-def _check_not_empty(dl: Any, name: str) -> None:
-    if dl is None:
-        raise ValueError(f"dls.{name} is None: a Learner needs a {name} DataLoader.")
-    if hasattr(dl, "__len__") and len(dl) == 0:
-        raise ValueError(
-            f"dls.{name} is empty (0 batches): check the dataset's length, and that batch_size "
-            "is not larger than the dataset while drop_last=True."
-        )
 
 
 def _default_callbacks() -> list[Callback]:

@@ -2,8 +2,9 @@
 
 from .core import Callback
 from .device import DeviceCB
+from .gather import GatherPredsCB
 from .metrics import Accuracy, MetricsCB
 from .progress import ProgressCB
 from .recorder import Recorder
 
-__all__ = ["Accuracy", "Callback", "DeviceCB", "MetricsCB", "ProgressCB", "Recorder"]
+__all__ = ["Accuracy", "Callback", "DeviceCB", "GatherPredsCB", "MetricsCB", "ProgressCB", "Recorder"]
