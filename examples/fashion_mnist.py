@@ -4,32 +4,20 @@
     python examples/fashion_mnist.py                                       # from the hub (online)
 
 Images are decoded once into the Hugging Face cache and served a batch at a time
-(`DataLoaders.from_dd(..., batched=True)`). Prints the per-epoch table and the final
-accuracy, and writes the loss plot to `--out`.
+(`DataLoaders.from_dd(..., batched=True)`); training follows the one-cycle schedule. Prints the
+per-epoch table and the final accuracy, and writes the loss plot to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from learnloop import Accuracy, Callback, Learner, MetricsCB, ProgressCB
+from learnloop import Accuracy, Learner, MetricsCB, ProgressCB
 from learnloop.data import DataLoaders, Normalize, load_data
 from learnloop.models import simple_cnn
-
-
-class OneCycle(Callback):
-    """torch's one-cycle learning-rate schedule, peaking at the Learner's lr (steps after each step)."""
-
-    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
-        steps = max(1, n_epochs * len(learn.dls.train))
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(learn.opt, max_lr=learn.lr, total_steps=steps)
-
-    def after_step(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self.sched.step()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,9 +50,8 @@ def main(argv: Sequence[str] | None = None) -> float:
         dl.dataset.tfms.append(norm)
     n_classes = dd["train"].features["label"].num_classes
     model = simple_cnn(n_in=images.shape[1], n_out=n_classes, widths=(8, 16, 32, 64))
-    cbs = [MetricsCB(Accuracy()), ProgressCB(), OneCycle()]
-    learn = Learner(model, dls, lr=args.lr, opt_func=torch.optim.AdamW, cbs=cbs)
-    learn.fit(args.epochs)
+    learn = Learner(model, dls, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy()), ProgressCB()])
+    learn.fit_one_cycle(args.epochs, lr_max=args.lr)
     accuracy = learn.epoch_log["accuracy"]
     print(f"final validation accuracy: {accuracy:.4f}")
     learn.recorder.plot_loss().savefig(args.out, dpi=80)

@@ -1,21 +1,56 @@
-"""The `learnloop train` command, which loads data through the batched path."""
+"""The `learnloop train` command: the main job, end to end, offline."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 from image_helpers import image_dataset
 
 from learnloop.cli import main, train
 
 
-def test_train_digits(tmp_path):
-    """The default run on the embedded digits passes 95% validation accuracy and writes its files."""
-    row = train(epochs=2, out=str(tmp_path))
-    assert row["accuracy"] >= 0.95
-    assert (tmp_path / "loss.png").exists() and (tmp_path / "model.pt").exists()
+def test_default_run_trains_digits(tmp_path, capsys):
+    """The default run reaches at least 95% validation accuracy and writes the plot and the weights."""
+    assert main(["train", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("final validation accuracy:")[1].split()[0])
+    assert accuracy >= 0.95
+    assert (tmp_path / "loss.png").stat().st_size > 5000
+    import torch
+
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert any(k.endswith("weight") for k in state)
+
+
+@pytest.mark.parametrize("model", ["mlp", "linear"])
+def test_other_models(tmp_path, model):
+    """--model picks another architecture, which trains too."""
+    assert main(["train", "--model", model, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "model.pt").exists()
+
+
+def test_bad_data_is_a_clear_error(tmp_path, capsys):
+    """A path that does not exist and is no hub dataset gives a one-line error and exit code 2."""
+    missing = tmp_path / "nope" / "data.parquet"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path), "--epochs", "1"]) == 2
+    assert "Could not load" in capsys.readouterr().err
+
+
+def test_console_script_runs(tmp_path):
+    """`python -m learnloop.cli train` runs as a process and prints one plain line per epoch to a pipe."""
+    result = subprocess.run(
+        [sys.executable, "-m", "learnloop.cli", "train", "--epochs", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout
+    assert result.stdout.splitlines()[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
 
 
 def test_train_png_parquet(tmp_path):
-    """PNG images from local parquet files are decoded and trained on, as (N, 1, H, W) inputs."""
+    """PNG images from local parquet files go through the batched path and train as (N, 1, H, W) inputs."""
     image_dataset(12).to_parquet(tmp_path / "train.parquet")
     image_dataset(6).to_parquet(tmp_path / "test.parquet")
     row = train(data=str(tmp_path), epochs=1, bs=4, out=str(tmp_path / "run"))

@@ -3,6 +3,8 @@
 By default it trains a small CNN on the embedded handwritten digits; `--data` takes a local
 parquet/arrow/image folder or a hub name instead. It shows progress and the per-epoch table,
 prints the final validation accuracy, and writes `loss.png` and `model.pt` to `--out`.
+It runs unchanged under `torchrun --nproc_per_node=N` (DDP; `--bs` is then per process), where
+only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def train(
     out: str = "learnloop-run", threads: int | None = 1, seed: int = 0,
 ) -> dict[str, Any]:
     """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
+    from .callbacks.distributed import is_main_process
     from .callbacks.metrics import Accuracy, MetricsCB
     from .data.loaders import DataLoaders
     from .data.sources import load_data
@@ -83,6 +86,8 @@ def train(
     learn = Learner(net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())])
     learn.fit(epochs)
     row = dict(learn.epoch_log)
+    if not is_main_process():  # under torchrun, rank 0 reports and writes the files
+        return row
     print(f"final validation accuracy: {row['accuracy']:.4f}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ is built once per fit, so an event nobody listens to costs one dict lookup per b
 
 from __future__ import annotations
 
-import sys
+import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,12 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .callbacks.core import Callback, check_callback, dispatch_table, sort_callbacks
+from .callbacks.gather import GatherPredsCB
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
+from .errors import add_note, check_not_empty, describe
 from .events import (
     EVENTS,
     LEVELS,
     CancelBackwardException,
     CancelBatchException,
+    CancelEpochException,
     CancelException,
     CancelFitException,
     CancelStepException,
@@ -29,26 +34,9 @@ from .events import (
 
 __all__ = ["Learner"]
 
+log = logging.getLogger(__name__)
+
 Hook = Callable[..., Any]
-
-
-def _add_note(e: BaseException, note: str) -> None:
-    """Attach `note` to `e` once (shown under the traceback on Python >= 3.11)."""
-    if getattr(e, "_learnloop_noted", False):
-        return
-    if sys.version_info >= (3, 11):
-        e.add_note(note)
-    else:  # pragma: no cover - 3.10 has no add_note; keep the text where tools look for it
-        e.__notes__ = [*getattr(e, "__notes__", []), note]  # type: ignore[attr-defined]
-    e._learnloop_noted = True  # type: ignore[attr-defined]
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
-    if isinstance(x, (tuple, list)):
-        return "(" + ", ".join(_describe(v) for v in x) + ")"
-    return type(x).__name__
 
 
 class Learner:
@@ -77,6 +65,7 @@ class Learner:
     cbs: list[Any]
     n_epochs: int
     epoch: int
+    epochs_done: int
     iter: int
     n_iter: int | None
     training: bool
@@ -109,12 +98,12 @@ class Learner:
             raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
-        _check_not_empty(dls.train, "train")
+        check_not_empty(dls.train, "train")
         self.model, self.dls, self.loss_func = model, dls, loss_func
         self.lr, self.opt_func = lr, opt_func
         self.opt = None
         self.cbs = []
-        self.n_epochs = self.epoch = self.iter = 0
+        self.n_epochs = self.epoch = self.epochs_done = self.iter = 0
         self.n_iter = None
         self.training = False
         self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
@@ -168,7 +157,7 @@ class Learner:
             except CancelException:
                 raise
             except Exception as e:
-                _add_note(e, f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).")
+                add_note(e, f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).")
                 raise
 
     def _where(self) -> str:
@@ -207,23 +196,50 @@ class Learner:
         valid: bool = True,
         cbs: Sequence[Any] | None = None,
         lr: float | None = None,
+        resume: str | os.PathLike[str] | None = None,
     ) -> None:
-        """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate."""
+        """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate.
+
+        `resume` (a checkpoint file, or a CheckpointCB folder meaning its `last.pt`) restores the
+        learner from it first and runs the epochs that remain up to `n_epochs` in all.
+        """
         if not isinstance(n_epochs, int) or n_epochs < 0:
             raise ValueError(f"n_epochs must be a non-negative int, got {n_epochs!r}.")
         if lr is not None and lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if train:
-            _check_not_empty(self.dls.train, "train")
+            check_not_empty(self.dls.train, "train")
         extra = list(cbs or [])
         self.add_cbs(*extra)
         try:
+            start = 0
+            if resume is not None:
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
+                self.load(resume)
+                start = self.epochs_done
+                if start >= n_epochs:
+                    log.info("Nothing to resume: %s already holds %d epochs and fit asked for %d in all.",
+                             resume, start, n_epochs)
+                    return
             self._prepare_opt(lr)
             self.n_epochs = n_epochs
-            self._run_fit(n_epochs, train, valid and self.dls.valid is not None)
+            self._run_fit(n_epochs, train, valid and self.dls.valid is not None, start)
         finally:
             if extra:
                 self.remove_cbs(*extra)
+
+    def fit_one_cycle(self, n_epochs: int, lr_max: float | Sequence[float] | None = None, **kwargs: Any) -> None:
+        """Fit with the one-cycle policy (see `learnloop.callbacks.schedule.fit_one_cycle` for `kwargs`)."""
+        from .callbacks.schedule import fit_one_cycle
+
+        fit_one_cycle(self, n_epochs, lr_max, **kwargs)
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, **kwargs: Any) -> float:
+        """Sweep the learning rate, restore the learner, return the suggestion (see `callbacks.lr_finder`)."""
+        from .callbacks.lr_finder import lr_find
+
+        return lr_find(self, start_lr, end_lr, num_it, **kwargs)
 
     def _prepare_opt(self, lr: float | None) -> None:
         if lr is not None:
@@ -233,13 +249,18 @@ class Learner:
         elif lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = lr
+        # A fit interrupted between backward and zero_grad left gradients behind: don't add to them.
+        self.opt.zero_grad()
 
-    def _run_fit(self, n_epochs: int, train: bool, valid: bool) -> None:
+    def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
+        # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.
+        self.epoch = self.epochs_done = start
         try:
             self._fire("before_fit", n_epochs=n_epochs)
-            for epoch in range(self.epoch if self._resuming else 0, n_epochs):
+            for epoch in range(start, n_epochs):
                 self.epoch = epoch
                 self._run_level("epoch", lambda: self._one_epoch(train, valid), epoch=epoch)
+                self.epochs_done = epoch + 1  # also when the epoch was cancelled
         except CancelFitException as e:
             self._fire("after_cancel_fit", exception=e)
         except CancelException as e:
@@ -248,10 +269,7 @@ class Learner:
                 "raise it from a hook of that level (see learnloop.events)."
             ) from e
         finally:
-            self._resuming = False
             self._fire("after_fit", n_epochs=n_epochs)
-
-    _resuming = False
 
     def _run_level(self, level: str, body: Callable[[], None], **context: Any) -> None:
         """before_<level>, body, after_<level>; the level's Cancel exception skips to after_cancel_<level>."""
@@ -263,10 +281,16 @@ class Learner:
         self._fire(f"after_{level}", **context)
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
-        if train:
-            self._one_phase(self.dls.train, training=True)
-        if valid:
-            self._one_phase(self.dls.valid, training=False)
+        try:
+            if train:
+                self._one_phase(self.dls.train, training=True)
+            if valid:
+                self._one_phase(self.dls.valid, training=False)
+        except CancelEpochException:
+            self.epochs_done = self.epoch + 1
+            raise
+        # Counted before after_epoch fires, so a checkpoint written there resumes at the next epoch.
+        self.epochs_done = self.epoch + 1
 
     def _one_phase(self, dl: Iterable[Any], training: bool) -> None:
         self.training, self.dl = training, dl
@@ -276,7 +300,8 @@ class Learner:
         try:
             with torch.set_grad_enabled(training):
                 level = "train" if training else "validate"
-                self._run_level(level, lambda: self._all_batches(dl), epoch=self.epoch)
+                # self.dl, not dl: a before_train/before_validate hook may swap the loader (DistributedCB does).
+                self._run_level(level, lambda: self._all_batches(self.dl), epoch=self.epoch)
         finally:
             self.model.train(was_training or not training)
 
@@ -325,12 +350,12 @@ class Learner:
         except CancelException:
             raise
         except Exception as e:
-            note = f"learnloop: raised in {what} ({self._where()}); inputs {_describe(self.xb)}"
+            note = f"learnloop: raised in {what} ({self._where()}); inputs {describe(self.xb)}"
             if piece.__name__ != "predict":
-                note += f", preds {_describe(self.preds)}, targets {_describe(self.yb)}"
+                note += f", preds {describe(self.preds)}, targets {describe(self.yb)}"
             if piece.__name__ == "backward":
-                note += f", loss {_describe(self.loss)}"
-            _add_note(e, note + ".")
+                note += f", loss {describe(self.loss)}"
+            add_note(e, note + ".")
             raise
 
     def _split_batch(self, batch: Any) -> None:
@@ -344,9 +369,20 @@ class Learner:
                 "pass collate_fn=collate_dict(dataset) to the DataLoader, or use DataLoaders.from_dd."
             )
         raise TypeError(
-            f"Batches must be (inputs, targets) tuples or lists, got {_describe(batch)}: "
+            f"Batches must be (inputs, targets) tuples or lists, got {describe(batch)}: "
             "yield (x, y) from your DataLoader, or override Learner.predict/get_loss."
         )
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, path: str | os.PathLike[str]) -> Learner:
+        """Write a checkpoint (model, optimizer, callback states, counters, RNG states) atomically to `path`."""
+        save_checkpoint(self, path)
+        return self
+
+    def load(self, path: str | os.PathLike[str]) -> Learner:
+        """Restore everything `save` wrote; a bad file raises ValueError and changes nothing."""
+        load_checkpoint(self, path)
+        return self
 
     # ---------------------------------------------------------------- inference
     def validate(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> dict[str, Any]:
@@ -361,7 +397,7 @@ class Learner:
 
     def get_preds(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
         """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph."""
-        gather = _GatherPreds()
+        gather = GatherPredsCB()
         self._evaluate(dl, [gather, *(cbs or [])])
         return gather.result()
 
@@ -380,40 +416,15 @@ class Learner:
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
 
 
-class _GatherPreds(Callback):
-    """Collects detached CPU predictions and targets batch by batch (for `get_preds`)."""
-
-    order = 100
-
-    def __init__(self) -> None:
-        self.preds: list[Tensor] = []
-        self.targets: list[Tensor] = []
-
-    def after_loss(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self.preds.append(learn.preds.detach().cpu())
-        self.targets.append(learn.yb.detach().cpu())
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        if not self.preds:
-            raise ValueError("get_preds saw no batches: the loader is empty.")
-        return torch.cat(self.preds), torch.cat(self.targets)
-
-
-def _check_not_empty(dl: Any, name: str) -> None:
-    if dl is None:
-        raise ValueError(f"dls.{name} is None: a Learner needs a {name} DataLoader.")
-    if hasattr(dl, "__len__") and len(dl) == 0:
-        raise ValueError(
-            f"dls.{name} is empty (0 batches): check the dataset's length, and that batch_size "
-            "is not larger than the dataset while drop_last=True."
-        )
-
-
 def _default_callbacks() -> list[Callback]:
     # Imported here: callback modules import learnloop.events, and the defaults stay swappable.
     from .callbacks.device import DeviceCB
+    from .callbacks.distributed import DistributedCB, world_size
     from .callbacks.metrics import MetricsCB
     from .callbacks.progress import ProgressCB
     from .callbacks.recorder import Recorder
 
-    return [DeviceCB(), MetricsCB(), Recorder(), ProgressCB()]
+    defaults: list[Callback] = [DeviceCB(), MetricsCB(), Recorder(), ProgressCB()]
+    if world_size() > 1:  # launched by torchrun with several processes
+        defaults.append(DistributedCB())
+    return defaults

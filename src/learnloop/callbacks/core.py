@@ -41,6 +41,7 @@ class Callback:
     """
 
     order: int = 0
+    run_in_lr_find: bool = True  # False: `learn.lr_find` detaches this callback during its sweep
 
     @property
     def name(self) -> str:

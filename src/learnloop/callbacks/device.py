@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,9 +14,10 @@ __all__ = ["DeviceCB", "default_device", "to_device"]
 
 
 def default_device() -> torch.device:
-    """cuda if available, then mps, then cpu."""
+    """cuda if available (under torchrun: `cuda:LOCAL_RANK`, this process's GPU), then mps, then cpu."""
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        local = int(os.environ.get("LOCAL_RANK", -1))
+        return torch.device("cuda", local) if 0 <= local < torch.cuda.device_count() else torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")

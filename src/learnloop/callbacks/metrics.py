@@ -3,19 +3,28 @@
 Any object with `update(preds, targets)`, `compute()` and `reset()` is a metric, so torchmetrics
 and torcheval metrics work as they are. Batch results stay on the device as tensors; they are
 turned into Python numbers once, at the end of a phase.
+
+Under torch.distributed the loss is summed with its sample count over processes, and a metric
+that keeps sums (as `Accuracy` does) says so with `all_reduce(sum_fn)`, called before `compute()`;
+torchmetrics metrics synchronise themselves in `compute()`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .core import Callback
+from .distributed import is_distributed, sum_across_processes
 
 __all__ = ["Accuracy", "MetricsCB"]
+
+log = logging.getLogger(__name__)
 
 
 class Accuracy:
@@ -38,6 +47,11 @@ class Accuracy:
             )
         self.correct = self.correct + (preds.argmax(dim=-1) == targets).sum()
         self.total += targets.shape[0]
+
+    def all_reduce(self, sum_fn: Callable[[Tensor], Tensor]) -> None:
+        """Replace the counts by their sums over processes (`sum_fn` sums a tensor across them)."""
+        self.correct = sum_fn(torch.as_tensor(self.correct))
+        self.total = int(sum_fn(torch.as_tensor(self.total)))
 
     def compute(self) -> float:
         """Accuracy over every update since the last reset."""
@@ -73,6 +87,8 @@ class MetricsCB(Callback):
     Example:
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
     """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 10
 
@@ -115,17 +131,30 @@ class MetricsCB(Callback):
                 m.update(learn.preds.detach(), learn.yb)
 
     def _mean_loss(self) -> float:
-        if not self._losses:
-            return float("nan")
-        losses = torch.stack([x.float().reshape(()) for x in self._losses])
-        counts = torch.tensor(self._counts, dtype=losses.dtype, device=losses.device)
-        return float((losses * counts).sum() / counts.sum())
+        total, count = torch.zeros(()), torch.zeros(())
+        if self._losses:
+            losses = torch.stack([x.float().reshape(()) for x in self._losses])
+            counts = torch.tensor(self._counts, dtype=losses.dtype, device=losses.device)
+            total, count = (losses * counts).sum(), counts.sum()
+        # Sums and counts over every process (each rank calls this, even with an empty shard).
+        total, count = sum_across_processes(total), sum_across_processes(count)
+        return float(total / count)  # 0/0 is nan: no batches
+
+    def _sync_metrics(self) -> None:
+        if not is_distributed():
+            return
+        for name, m in self.metrics.items():
+            if callable(getattr(m, "all_reduce", None)):
+                m.all_reduce(sum_across_processes)
+            elif not hasattr(m, "sync_on_compute"):  # torchmetrics syncs itself in compute()
+                log.warning("Metric %r has no all_reduce(sum_fn): it covers this process's shard only.", name)
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["train_loss"] = self._mean_loss()
 
     def after_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["valid_loss"] = self._mean_loss()
+        self._sync_metrics()
         for name, m in self.metrics.items():
             value = m.compute()
             learn.epoch_log[name] = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value

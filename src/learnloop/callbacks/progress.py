@@ -4,6 +4,7 @@ On a terminal: an epoch bar, a batch bar with the running loss, and the table ab
 In a notebook: tqdm's widget and, with `plot=True`, a live loss plot. Where the output is
 not a terminal (CI logs, `> file`): no bars and no carriage returns, one line per epoch.
 The running loss is read (a host sync) only when the bar's refresh interval has passed.
+Under torchrun only rank 0 writes anything; the other processes stay silent.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import IO, Any
 
 from .core import Callback
+from .distributed import is_main_process
 
 __all__ = ["ProgressCB", "format_row", "in_notebook"]
 
@@ -55,6 +57,8 @@ class ProgressCB(Callback):
         >>> learn = Learner(model, dls, cbs=[ProgressCB(plot=True)])  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 60
 
     def __init__(
@@ -65,6 +69,8 @@ class ProgressCB(Callback):
         self._batch_bar: Any = None
         self._widths: list[int] | None = None
         self._plot_handle: Any = None
+        self._bars: bool | None = None
+        self._silent = False
 
     def _tqdm(self) -> Any:
         if self._notebook:
@@ -79,11 +85,16 @@ class ProgressCB(Callback):
 
         return tqdm
 
-    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
+    def _setup(self) -> None:
+        self._silent = not is_main_process()  # under torchrun only rank 0 shows progress
         self._out = self.file if self.file is not None else sys.stdout
-        self._notebook = in_notebook()
+        self._notebook = in_notebook() and not self._silent
         isatty = getattr(self._out, "isatty", lambda: False)()
         self._bars = self.bar if self.bar is not None else (isatty or self._notebook)
+        self._bars = self._bars and not self._silent
+
+    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
+        self._setup()
         self._widths = None
         self._plot_handle = None
         if self.plot and not self._notebook:
@@ -95,6 +106,8 @@ class ProgressCB(Callback):
             )
 
     def _start_batches(self, learn: Any, desc: str) -> None:
+        if self._bars is None:  # validate()/get_preds() outside a fit
+            self._setup()
         if not self._bars:
             return
         self._close_batch_bar()
@@ -117,7 +130,7 @@ class ProgressCB(Callback):
         now = time.monotonic()
         if now - self._last >= self.mininterval and loss is not None:
             self._last = now
-            bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+            bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
             if self.plot and self._notebook and learn.training:
                 self._draw(learn)
         bar.update(1)
@@ -145,6 +158,7 @@ class ProgressCB(Callback):
         if self._epoch_bar is not None:
             self._epoch_bar.close()
             self._epoch_bar = None
+        self._bars = None
 
     def _close_batch_bar(self) -> None:
         if self._batch_bar is not None:
@@ -152,6 +166,8 @@ class ProgressCB(Callback):
             self._batch_bar = None
 
     def _write(self, line: str) -> None:
+        if self._silent:
+            return
         if self._bars:
             from tqdm import tqdm
 

@@ -38,6 +38,8 @@ class Recorder(Callback):
         >>> learn.recorder.plot_loss().savefig("loss.png")  # doctest: +SKIP
     """
 
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
     order = 20
 
     def __init__(self) -> None:
@@ -80,11 +82,17 @@ class Recorder(Callback):
             self._floats += torch.stack([x.float().reshape(()) for x in new]).tolist()
         return list(self._floats)
 
-    def plot_loss(self, beta: float = 0.98) -> Figure:
-        """Raw and smoothed training loss per batch, and validation loss per epoch."""
+    def plot_loss(self, beta: float | None = None) -> Figure:
+        """Raw and smoothed training loss per batch, and validation loss per epoch.
+
+        `beta` is the smoothing decay; by default it averages over about a twentieth of the
+        run (at most 50 batches), so a short run's curve does not lag behind its data.
+        """
         from matplotlib.figure import Figure
 
         losses = self.losses
+        if beta is None:
+            beta = 1 - 1 / min(50, max(1, len(losses) // 20))
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
         ax.plot(losses, alpha=0.3, label="train (raw)")

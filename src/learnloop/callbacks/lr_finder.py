@@ -1,0 +1,299 @@
+"""`lr_find`: an exponential learning-rate sweep that leaves the learner as it found it.
+
+The sweep is a short fit with `LRFinderCB` attached. Around it, `lr_find` saves and then
+restores, bit for bit: the model's parameters and buffers, the optimizer (its `state_dict`,
+state and param_groups; no optimizer afterwards if there was none before), the random number
+generators (torch, CUDA, `random`, numpy), `learn.epoch`, `epochs_done`, `n_epochs` and `epoch_log`, and the
+`state_dict()` of callbacks that have one (e.g. the GradScaler of `MixedPrecisionCB`). This holds
+when the sweep stops early on divergence and when it raises.
+
+What the sweep runs with: the callbacks that shape training (DeviceCB, DistributedCB,
+MixedPrecisionCB, GradAccumCB, GradClipCB, your own) stay attached; those that report, schedule or
+track a fit (Recorder, MetricsCB, ProgressCB, the schedulers, CheckpointCB, EarlyStoppingCB,
+TerminateOnNaNCB, the loggers, ActivationStatsCB, and any callback with `run_in_lr_find = False`)
+are detached for the sweep, so the Recorder, the metrics history, the logs and the checkpoints
+still describe your last real fit. The sweep's own record is on the returned `LRFindResult`.
+
+Reading the loss for the divergence test costs one host sync per sweep batch; the sweep is short.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..events import CancelFitException
+from .core import Callback
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["SUGGESTERS", "LRFindResult", "LRFinderCB", "lr_find"]
+
+# Callbacks that report, schedule or track a fit: the sweep runs without them.
+
+
+def _valley(lrs: list[float], losses: list[float]) -> int:
+    """fastai's valley: the longest decreasing run of the loss; a point a bit past its middle."""
+    n = len(losses)
+    lds = [1] * n
+    max_start = max_end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+            if lds[max_end] < lds[i]:
+                max_end = i
+                max_start = max_end - lds[max_end]
+    sections = (max_end - max_start) / 3
+    return max_start + int(sections) + int(sections / 2)
+
+
+def _steep(lrs: list[float], losses: list[float]) -> int:
+    """Where the loss falls fastest against log(lr)."""
+    slopes = [
+        (losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
+        for i in range(len(losses) - 1)
+    ]
+    return min(range(len(slopes)), key=slopes.__getitem__)
+
+
+def _minimum(lrs: list[float], losses: list[float]) -> int:
+    """The lowest loss (the suggestion is that lr divided by 10)."""
+    return min(range(len(losses)), key=losses.__getitem__)
+
+
+SUGGESTERS: dict[str, Callable[[list[float], list[float]], int]] = {
+    "valley": _valley,
+    "steep": _steep,
+    "minimum": _minimum,
+}
+
+
+class LRFindResult(float):
+    """A float, the suggested lr, with the sweep: `.lrs`, `.losses`, `.smoothed`, `.plot()`."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    method: str
+
+    def __new__(
+        cls,
+        value: float,
+        lrs: Sequence[float] = (),
+        losses: Sequence[float] = (),
+        smoothed: Sequence[float] = (),
+        method: str = "valley",
+    ) -> LRFindResult:
+        self = super().__new__(cls, value)
+        self.lrs, self.losses, self.smoothed, self.method = list(lrs), list(losses), list(smoothed), method
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (float(self), self.lrs, self.losses, self.smoothed, self.method))
+
+    def plot(self) -> Figure:
+        """Smoothed loss against learning rate (log axis), the suggestion marked."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        ax.plot(self.lrs, self.losses, alpha=0.3, label="loss (raw)")
+        ax.plot(self.lrs, self.smoothed, label="loss (smoothed)")
+        lr = float(self)
+        nearest = min(range(len(self.smoothed)), key=lambda k: abs(math.log(self.lrs[k] / lr)))
+        y = self.smoothed[nearest]
+        ax.axvline(lr, color="red", linestyle="--", linewidth=1)
+        ax.plot([lr], [y], "o", color="red", label=f"{self.method}: {lr:.2e}")
+        finite = [v for v in self.smoothed if math.isfinite(v)]
+        if finite:
+            ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), min(max(finite), 2 * abs(finite[0])) * 1.05)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+
+class LRFinderCB(Callback):
+    """Raises the learning rate exponentially each training batch and records the loss.
+
+    Stops the fit after `num_it` batches, or when the smoothed loss exceeds `div_factor` times its
+    best (or is not finite) if `stop_div`. Use it through `learn.lr_find()`, which restores the
+    learner afterwards.
+
+    Example:
+        >>> lr = learn.lr_find(num_it=50)  # doctest: +SKIP
+    """
+
+    order = -10  # set the lr in before_batch before anyone reads it
+
+    def __init__(
+        self,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        stop_div: bool = True,
+        div_factor: float = 4.0,
+        beta: float = 0.98,
+    ) -> None:
+        if not 0 < start_lr < end_lr:
+            raise ValueError(f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}.")
+        if num_it < 2:
+            raise ValueError(f"num_it must be >= 2, got {num_it}.")
+        self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
+        self.stop_div, self.div_factor, self.beta = stop_div, div_factor, beta
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+
+    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self.lrs, self.losses, self.smoothed = [], [], []
+        self._avg, self._best = 0.0, math.inf
+
+    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        if not learn.training:
+            return
+        pct = len(self.lrs) / (self.num_it - 1)
+        lr = self.start_lr * (self.end_lr / self.start_lr) ** pct
+        for group in learn.opt.param_groups:
+            group["lr"] = lr
+        self.lrs.append(lr)
+
+    def after_loss(self, learn: Any, loss: torch.Tensor, **kwargs: Any) -> None:
+        if not learn.training:
+            return
+        value = float(loss.detach().float())
+        self.losses.append(value)
+        self._avg = self.beta * self._avg + (1 - self.beta) * value
+        smooth = self._avg / (1 - self.beta ** len(self.losses))
+        self.smoothed.append(smooth)
+        if self.stop_div and (not math.isfinite(smooth) or smooth > self.div_factor * self._best):
+            raise CancelFitException("lr_find: the loss diverged")
+        self._best = min(self._best, smooth)
+
+    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        if learn.training and len(self.losses) >= self.num_it:
+            raise CancelFitException("lr_find: sweep done")
+
+    def result(self, suggest: str = "valley") -> LRFindResult:
+        """The suggested learning rate, computed with `suggest` (see `SUGGESTERS`) on the smoothed loss."""
+        n = len(self.losses)
+        lrs, smoothed = self.lrs[:n], self.smoothed
+        points = [(lr, s) for lr, s in zip(lrs, smoothed) if math.isfinite(s)]
+        if len(points) < 3:
+            raise RuntimeError(
+                f"lr_find recorded only {len(points)} finite losses before stopping (need 3): "
+                f"the loss diverged at once or num_it is tiny; lower start_lr (now {self.start_lr}) "
+                "or raise num_it."
+            )
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        lr = xs[SUGGESTERS[suggest](xs, ys)]
+        if suggest == "minimum":
+            lr /= 10
+        return LRFindResult(lr, lrs, self.losses, smoothed, suggest)
+
+
+def _detach_for_sweep(cb: Any) -> bool:
+    return getattr(cb, "run_in_lr_find", True) is False
+
+
+def _snapshot(learn: Any) -> dict[str, Any]:
+    model = learn.model
+    tensors = {
+        f"{kind}:{name}": t.detach().clone()
+        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers()))
+        for name, t in named
+        if not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+    }
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if "numpy" in sys.modules:
+        rng["numpy"] = sys.modules["numpy"].random.get_state()
+    return {
+        "tensors": tensors,
+        "training": model.training,
+        "opt": None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
+        "rng": rng,
+        "attrs": {
+            "epoch": learn.epoch,
+            "epochs_done": learn.epochs_done,
+            "n_epochs": learn.n_epochs,
+            "epoch_log": dict(learn.epoch_log),
+        },
+        "cbs": list(learn.cbs),
+        "cb_states": {
+            id(cb): copy.deepcopy(cb.state_dict())
+            for cb in learn.cbs
+            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+        },
+    }
+
+
+def _restore(learn: Any, saved: dict[str, Any]) -> None:
+    model = learn.model
+    current = {
+        f"{kind}:{name}": t
+        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers()))
+        for name, t in named
+    }
+    with torch.no_grad():
+        for key, value in saved["tensors"].items():
+            current[key].copy_(value)
+    model.train(saved["training"])
+    if saved["opt"] is None:
+        learn.opt = None
+    else:
+        learn.opt.load_state_dict(saved["opt"])
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["random"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        sys.modules["numpy"].random.set_state(rng["numpy"])
+    for name, value in saved["attrs"].items():
+        setattr(learn, name, value)
+    learn.remove_cbs(*learn.cbs)
+    learn.add_cbs(*saved["cbs"])
+    for cb in learn.cbs:
+        if id(cb) in saved["cb_states"]:
+            cb.load_state_dict(saved["cb_states"][id(cb)])
+
+
+def lr_find(
+    learn: Any,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    stop_div: bool = True,
+    suggest: str = "valley",
+    cbs: Sequence[Any] | None = None,
+) -> LRFindResult:
+    """Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; return the suggestion.
+
+    The learner is restored afterwards (see the module docstring). `suggest` is one of
+    'valley' (fastai's default), 'steep' (steepest fall of the loss) or 'minimum' (a tenth of the
+    lr at the lowest loss). The result is a float with the sweep attached: `.plot()` draws it.
+    """
+    if suggest not in SUGGESTERS:
+        raise ValueError(f"suggest={suggest!r} is not a method; choose one of {sorted(SUGGESTERS)}.")
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+    n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
+    n_epochs = math.ceil(num_it / max(n_iter, 1))
+    saved = _snapshot(learn)
+    try:
+        learn.remove_cbs(*[cb for cb in learn.cbs if _detach_for_sweep(cb)])
+        learn.fit(n_epochs, valid=False, cbs=[finder, *(cbs or [])])
+    finally:
+        _restore(learn, saved)
+    return finder.result(suggest)

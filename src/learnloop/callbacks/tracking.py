@@ -1,0 +1,271 @@
+"""Safety callbacks for long fits: checkpoints, early stopping, and stopping on a non-finite loss.
+
+They read the epoch's row, `learn.epoch_log`, that MetricsCB builds, so they run after it (and
+after the Recorder and the progress table, so that a stopped fit still shows its last row).
+Files are written whenever these callbacks decide to; which process of a distributed run may
+write is decided elsewhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..checkpoint import PathLike, save_checkpoint
+from ..events import CancelFitException
+from .core import Callback
+
+__all__ = ["CheckpointCB", "EarlyStoppingCB", "StopReason", "TerminateOnNaNCB", "monitored_value"]
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(enum.Enum):
+    """Why a callback stopped the fit."""
+
+    NOT_STOPPED = "not stopped"
+    PATIENCE_EXHAUSTED = "no improvement for `patience` epochs"
+    NON_FINITE_METRIC = "the monitored value is nan or infinite"
+    NON_FINITE_LOSS = "the loss is nan or infinite"
+
+
+def monitored_value(learn: Any, monitor: str, who: str) -> float:
+    """`learn.epoch_log[monitor]` as a float; the error lists the values that exist."""
+    row = learn.epoch_log
+    if monitor not in row:
+        have = [k for k in row if k not in ("epoch", "time")]
+        hint = (
+            f"available: {', '.join(have)}"
+            if have
+            else "the epoch log is empty: attach MetricsCB (and keep validation on for valid_* values)"
+        )
+        raise ValueError(f"{who} monitors {monitor!r}, which is not in learn.epoch_log; {hint}.")
+    value = row[monitor]
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+class _Monitor:
+    """Tracks the best value of one metric, in `mode` 'min' or 'max', with a `min_delta` margin."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float, who: str) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"{who} mode must be 'min' or 'max', got {mode!r}.")
+        if min_delta < 0:
+            raise ValueError(f"{who} min_delta must be >= 0, got {min_delta}.")
+        self.monitor, self.mode, self.min_delta, self.who = monitor, mode, min_delta, who
+        self.best = math.inf if mode == "min" else -math.inf
+
+    def improved(self, value: float) -> bool:
+        """Whether `value` beats the best so far by more than `min_delta` (nan never does)."""
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+
+class CheckpointCB(Callback):
+    """Writes `path/last.pt` every `every` epochs and when the fit ends, and `path/best.pt` whenever
+    `monitor` (an `epoch_log` key, e.g. 'valid_loss') improves in `mode` 'min' or 'max'.
+
+    Both are full checkpoints: `learn.fit(n, resume=path)` continues from `path/last.pt`, and
+    `learn.load(path / 'best.pt')` restores the best epoch. The best value so far is part of the
+    checkpoint, so a resumed fit writes best.pt only when it beats the saved one. An epoch's files
+    are written once every callback's `after_epoch` has run (at the next `before_epoch`, or at
+    `after_fit`), so they hold the state of callbacks that update in `after_epoch` too (early
+    stopping counters, per-epoch schedulers). A fit interrupted mid-epoch writes nothing more.
+
+    Example:
+        >>> learn.fit(4, cbs=[CheckpointCB("ckpt", monitor="valid_loss")])  # doctest: +SKIP
+        >>> Learner(model, dls).fit(8, cbs=[CheckpointCB("ckpt")], resume="ckpt")  # doctest: +SKIP
+    """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
+    order = 30  # after MetricsCB has finished the epoch's row
+
+    def __init__(
+        self, path: PathLike = "checkpoints", every: int = 1, monitor: str | None = None, mode: str = "min"
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(
+                f"CheckpointCB every must be an int >= 1 (epochs between writes), got {every!r}."
+            )
+        self.path, self.every = Path(path), every
+        self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB") if monitor is not None else None
+        self._due: tuple[bool, bool] | None = None  # (last, best) owed for the epoch that just ended
+
+    @property
+    def best(self) -> float | None:
+        """The best monitored value so far (None without `monitor`)."""
+        return self._best.best if self._best is not None else None
+
+    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._due = None
+        if self._best is not None and learn.epoch == 0:  # a fresh fit; a resumed one keeps the loaded best
+            self._best.best = math.inf if self._best.mode == "min" else -math.inf
+
+    def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+        improved = False
+        if self._best is not None:
+            value = monitored_value(learn, self._best.monitor, "CheckpointCB")
+            improved = self._best.improved(value)
+            if improved:
+                self._best.best = value
+        self._due = ((epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs, improved)
+
+    def before_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._write(learn, final=False)
+
+    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._write(learn, final=True)  # still due only if the fit ended between two epochs
+
+    def _write(self, learn: Any, final: bool) -> None:
+        if self._due is None:
+            return
+        last, best = self._due
+        self._due = None
+        if last or final:
+            save_checkpoint(learn, self.path / "last.pt")
+        if best:
+            save_checkpoint(learn, self.path / "best.pt")
+            log.info(
+                "CheckpointCB: %s improved to %.6g; wrote %s.",
+                self._best.monitor,
+                self.best,
+                self.path / "best.pt",
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best value so far (for a resumed fit)."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the best value so far."""
+        if self._best is not None and state.get("best") is not None:
+            self._best.best = float(state["best"])
+
+    def __repr__(self) -> str:
+        monitor = f", monitor={self._best.monitor!r}, mode={self._best.mode!r}" if self._best else ""
+        return f"CheckpointCB(path={str(self.path)!r}, every={self.every}{monitor})"
+
+
+class EarlyStoppingCB(Callback):
+    """Stops the fit after `patience` epochs in a row without `monitor` improving by more than `min_delta`.
+
+    A non-finite monitored value stops at once (`check_finite=False` turns that off). After the fit,
+    `.stop_reason` (a StopReason) and `.stopped_epoch` say why and when it stopped.
+
+    Example:
+        >>> learn.fit(50, cbs=[EarlyStoppingCB("valid_loss", patience=3)])  # doctest: +SKIP
+    """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
+    order = 90  # after the checkpoint and the progress table have seen the epoch
+
+    def __init__(
+        self,
+        monitor: str = "valid_loss",
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"EarlyStoppingCB patience must be an int >= 1 (epochs), got {patience!r}.")
+        self._best = _Monitor(monitor, mode, min_delta, "EarlyStoppingCB")
+        self.patience, self.check_finite = patience, check_finite
+        self._reset()
+
+    def _reset(self) -> None:
+        self._best.best = math.inf if self._best.mode == "min" else -math.inf
+        self.wait = 0
+        self.stop_reason = StopReason.NOT_STOPPED
+        self.stopped_epoch: int | None = None
+
+    @property
+    def best(self) -> float:
+        """The best monitored value so far."""
+        return self._best.best
+
+    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        if learn.epoch == 0:  # a fresh fit; a resumed one keeps the loaded counters
+            self._reset()
+        else:
+            self.stop_reason, self.stopped_epoch = StopReason.NOT_STOPPED, None
+
+    def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+        value = monitored_value(learn, self._best.monitor, "EarlyStoppingCB")
+        if self.check_finite and not math.isfinite(value):
+            self._stop(StopReason.NON_FINITE_METRIC, epoch, f"{self._best.monitor} is {value}")
+        if self._best.improved(value):
+            self._best.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self._stop(
+                StopReason.PATIENCE_EXHAUSTED,
+                epoch,
+                f"{self._best.monitor} did not improve on {self.best:.6g} for {self.wait} epochs",
+            )
+
+    def _stop(self, reason: StopReason, epoch: int, why: str) -> None:
+        self.stop_reason, self.stopped_epoch = reason, epoch
+        log.info("EarlyStoppingCB: stopping after epoch %d: %s.", epoch, why)
+        raise CancelFitException(f"EarlyStoppingCB: {why}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best value and the epochs waited since it."""
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the best value and the epochs waited."""
+        self._best.best, self.wait = float(state["best"]), int(state["wait"])
+
+    def __repr__(self) -> str:
+        b = self._best
+        return (
+            f"EarlyStoppingCB(monitor={b.monitor!r}, mode={b.mode!r}, patience={self.patience}, "
+            f"min_delta={b.min_delta})"
+        )
+
+
+class TerminateOnNaNCB(Callback):
+    """Stops the fit as soon as a batch loss is nan or infinite, before that loss is backpropagated.
+
+    The warning and `.stopped_at` name the epoch, the phase and the batch. Checking costs one host
+    sync per batch.
+
+    Example:
+        >>> learn.fit(10, cbs=[TerminateOnNaNCB()])  # doctest: +SKIP
+    """
+
+    run_in_lr_find = False  # lr_find detaches it for the sweep
+
+    order = 15  # right after MetricsCB has recorded the loss
+
+    def __init__(self) -> None:
+        self.stopped_at: tuple[int, str, int] | None = None
+        self.stop_reason = StopReason.NOT_STOPPED
+
+    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self.stopped_at, self.stop_reason = None, StopReason.NOT_STOPPED
+
+    def after_loss(self, learn: Any, loss: Tensor, **kwargs: Any) -> None:
+        value = float(loss.detach().float().sum())
+        if math.isfinite(value):
+            return
+        phase = "training" if learn.training else "validation"
+        self.stopped_at, self.stop_reason = (learn.epoch, phase, learn.iter), StopReason.NON_FINITE_LOSS
+        log.warning(
+            "TerminateOnNaNCB: the loss is %s at epoch %d, %s batch %d; stopping the fit.",
+            value,
+            learn.epoch,
+            phase,
+            learn.iter,
+        )
+        raise CancelFitException(f"loss is {value} at epoch {learn.epoch}, {phase} batch {learn.iter}")

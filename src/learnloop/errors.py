@@ -1,0 +1,41 @@
+"""Error notes and input checks shared by the loop: say where it happened and what to do."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["add_note", "check_not_empty", "describe"]
+
+
+def add_note(e: BaseException, note: str) -> None:
+    """Attach `note` to `e` once (shown under the traceback on Python >= 3.11)."""
+    if getattr(e, "_learnloop_noted", False):
+        return
+    if sys.version_info >= (3, 11):
+        e.add_note(note)
+    else:  # pragma: no cover - 3.10 has no add_note; keep the text where tools look for it
+        e.__notes__ = [*getattr(e, "__notes__", []), note]  # type: ignore[attr-defined]
+    e._learnloop_noted = True  # type: ignore[attr-defined]
+
+
+def describe(x: Any) -> str:
+    """Shape and dtype of a tensor (recursively for tuples and lists), else the type's name."""
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in x) + ")"
+    return type(x).__name__
+
+
+def check_not_empty(dl: Any, name: str) -> None:
+    """Raise if the `name` loader is None or has no batches."""
+    if dl is None:
+        raise ValueError(f"dls.{name} is None: a Learner needs a {name} DataLoader.")
+    if hasattr(dl, "__len__") and len(dl) == 0:
+        raise ValueError(
+            f"dls.{name} is empty (0 batches): check the dataset's length, and that batch_size "
+            "is not larger than the dataset while drop_last=True."
+        )

@@ -1,0 +1,75 @@
+"""Run by test_distributed.py under torchrun: `torchrun --nproc_per_node=2 ddp_script.py OUT`.
+
+Each rank fits a linear model for one epoch, validates, predicts, and trains on shuffled index
+data; it saves what it saw to OUT/rank<r>.pt for the test to compare with a single-process run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import make_data
+
+from learnloop import Accuracy, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, Learner, MetricsCB
+from learnloop.callbacks.distributed import rank, world_size
+
+PER_RANK_BS = 8  # 2 processes: a global batch of 16
+N_TRAIN, N_VALID = 96, 45  # 45 rows split 23/22: padding would count one row twice
+
+
+class SeenIndices(Callback):
+    """Records the inputs (here: dataset indices) of each training batch, per epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[int]] = []
+
+    def before_train(self, learn, *args, **kwargs):
+        self.epochs.append([])
+
+    def before_batch(self, learn, *args, **kwargs):
+        if learn.training:
+            self.epochs[-1] += learn.batch[0].flatten().long().tolist()
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    train, valid = make_data(N_TRAIN), make_data(N_VALID, seed=1)
+    dls = DataLoaders(DataLoader(train, batch_size=PER_RANK_BS), DataLoader(valid, batch_size=PER_RANK_BS))
+    files = [CheckpointCB(out / "ck"), CSVLoggerCB(out / "history.csv")]  # rank 0 writes, alone
+    learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), *files])
+    learn.fit(1)
+    restored = learn.model is model and learn.dls is dls
+    epoch_log = dict(learn.epoch_log)  # validate/get_preds below overwrite learn.epoch_log
+    preds, targets = learn.get_preds()
+    odd = DataLoader(make_data(7, seed=2), batch_size=2)  # 4/3 rows per rank, not part of the fit
+    odd_preds, _ = learn.get_preds(odd)
+    shuffled_odd_preds, _ = learn.get_preds(DataLoader(odd.dataset, batch_size=2, shuffle=True))
+
+    index = TensorDataset(torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long))
+    seen = SeenIndices()
+    index_dls = DataLoaders(DataLoader(index, batch_size=4, shuffle=True))
+    shuffled = Learner(nn.Linear(1, 2), index_dls, cbs=[seen])
+    shuffled.fit(2, valid=False)
+
+    resumed = Learner(nn.Linear(4, 3), dls, lr=0.5, cbs=[MetricsCB(Accuracy())])
+    resumed.fit(2, resume=out / "ck")  # every rank loads rank 0's checkpoint
+
+    result = {
+        "resumed_epochs_done": resumed.epochs_done, "resumed_state": resumed.model.state_dict(),
+        "world_size": world_size(), "state": model.state_dict(), "epoch_log": epoch_log,
+        "validate": learn.validate(), "preds": preds, "targets": targets, "odd_preds": odd_preds,
+        "shuffled_odd_preds": shuffled_odd_preds,
+        "restored": restored, "seen": seen.epochs,
+    }
+    torch.save(result, out / f"rank{rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,113 @@
+"""Registration checks: instances only, no misspelled hooks, signatures that take (learn, **context)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import make_dls
+from torch import nn
+
+from learnloop import Callback, Learner
+
+
+def learner(*cbs):
+    return Learner(nn.Linear(4, 3), make_dls(), cbs=list(cbs), default_cbs=False)
+
+
+class TestTypos:
+    @pytest.mark.parametrize(
+        "name,suggestion",
+        [("before_epoc", "before_epoch"), ("afterbatch", "after_batch"), ("After_Fit", "after_fit"),
+         ("before_bacward", "before_backward"), ("after_cancel_btach", "after_cancel_batch")],
+    )
+    def test_misspelled_hook(self, name, suggestion):
+        """A method named like an event but misspelled is refused with the nearest event."""
+        cb = type("Typo", (Callback,), {name: lambda self, learn, **kw: None})()
+        with pytest.raises(ValueError, match=f"Typo.{name} looks like an event.*did you mean {suggestion}\\?"):
+            learner(cb)
+
+    def test_ordinary_methods_allowed(self):
+        """Helper methods that look like no event are fine."""
+        cb = type("Fine", (Callback,), {"plot_stats": lambda self: None, "reset": lambda self: None})()
+        learner(cb)
+
+    @pytest.mark.parametrize("attach", ["init", "add_cbs", "fit"])
+    def test_checked_everywhere(self, attach):
+        """The same check runs at construction, in add_cbs and in fit(cbs=...), before any batch."""
+        ran = []
+        cb = type("Typo", (Callback,), {"before_epoc": lambda self, learn, **kw: None,
+                                        "before_batch": lambda self, learn, **kw: ran.append(1)})()
+        with pytest.raises(ValueError, match="did you mean before_epoch"):
+            if attach == "init":
+                learner(cb)
+            elif attach == "add_cbs":
+                learner().add_cbs(cb)
+            else:
+                learner().fit(1, cbs=[cb])
+        assert ran == []
+
+
+class TestSignatures:
+    @pytest.mark.parametrize(
+        "hook",
+        [lambda self: None, lambda self, learn: None, lambda self, learn, epoch, extra: None],
+        ids=["no-learn", "no-context", "extra-required"],
+    )
+    def test_bad_signature(self, hook):
+        """A hook that cannot be called as hook(learn, **context) is refused with the fix."""
+        cb = type("Bad", (Callback,), {"after_epoch": hook})()
+        with pytest.raises(TypeError, match=r"Bad.after_epoch.*def after_epoch\(self, learn, \*args, \*\*kwargs\)"):
+            learner(cb)
+
+    @pytest.mark.parametrize(
+        "hook",
+        [lambda self, learn, *args, **kwargs: None, lambda self, learn, epoch: None,
+         lambda self, learn, epoch=None, **kw: None],
+        ids=["swallow", "exact", "defaults"],
+    )
+    def test_good_signature(self, hook):
+        """Hooks that take the event's context, named or swallowed, are accepted."""
+        learner(type("Good", (Callback,), {"after_epoch": hook})())
+
+
+class TestInstances:
+    def test_class_instead_of_instance(self):
+        """Passing a callback class says to instantiate it."""
+
+        class MyCB(Callback):
+            pass
+
+        with pytest.raises(TypeError, match=r"Got the class MyCB, not an instance: pass MyCB\(\) instead"):
+            learner(MyCB)
+
+    def test_not_a_callback(self):
+        """Something that is no callback at all is named in the error."""
+        with pytest.raises(TypeError, match="is not a callback"):
+            learner("progress")
+
+
+class TestAddRemove:
+    def test_add_and_remove(self):
+        """add_cbs attaches in order; remove_cbs detaches; removing a stranger is an error."""
+
+        class A(Callback):
+            order = 5
+
+        a, b = A(), Callback()
+        learn = learner()
+        learn.add_cbs(a, b)
+        assert learn.cbs == [b, a]
+        learn.remove_cbs(a)
+        assert learn.cbs == [b]
+        with pytest.raises(ValueError, match="is not attached"):
+            learn.remove_cbs(a)
+
+    def test_default_replaced_by_same_kind(self):
+        """A passed callback of a default's kind replaces that default."""
+        from learnloop import DeviceCB, MetricsCB, ProgressCB, Recorder
+
+        mine = ProgressCB(bar=False)
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[mine])
+        kinds = [type(cb) for cb in learn.cbs]
+        assert kinds == [DeviceCB, MetricsCB, Recorder, ProgressCB]
+        assert learn.cbs[-1] is mine
+        assert learn.recorder is learn.cbs[2]

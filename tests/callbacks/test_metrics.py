@@ -1,0 +1,115 @@
+"""MetricsCB and Accuracy: weighted losses, metric rows, the metric protocol, no per-batch sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_data
+from torch import nn
+from torch.utils.data import DataLoader
+
+from learnloop import Accuracy, DataLoaders, Learner, MetricsCB
+
+
+def uneven_dls():
+    """Batches of 16, 16 and 8 rows, so a mean of batch means would be wrong."""
+    return DataLoaders(DataLoader(make_data(40), batch_size=16), DataLoader(make_data(40, seed=1), batch_size=16))
+
+
+class TestRows:
+    def test_row_per_epoch(self):
+        """Each epoch appends one row with epoch, losses, metrics and time, in that order."""
+        cb = MetricsCB(Accuracy())
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        learn.fit(2)
+        assert [list(r) for r in cb.history] == [["epoch", "train_loss", "valid_loss", "accuracy", "time"]] * 2
+        assert [r["epoch"] for r in cb.history] == [0, 1]
+        assert learn.epoch_log == cb.history[-1]
+
+    def test_valid_loss_weighted_by_batch_size(self):
+        """The validation loss is the mean over rows, not over batches; metrics match a direct computation."""
+        cb = MetricsCB(acc=Accuracy())
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        learn.fit(1, train=False)
+        x, y = make_data(40, seed=1).tensors
+        with torch.no_grad():
+            out = learn.model(x)
+        assert cb.history[0]["valid_loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
+        assert cb.history[0]["acc"] == pytest.approx((out.argmax(1) == y).float().mean().item())
+
+    def test_train_loss_weighted(self):
+        """The training loss averages each batch's loss, as it was computed, weighted by its size."""
+        losses = []
+
+        class Keep(MetricsCB):
+            def after_loss(self, learn, loss, **kwargs):
+                super().after_loss(learn, loss=loss)
+                if learn.training:
+                    losses.append((loss.item(), len(learn.yb)))
+
+        cb = Keep()
+        Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb]).fit(1)
+        expected = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+        assert cb.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+    def test_valid_off(self):
+        """Without validation the row has no valid columns."""
+        cb = MetricsCB(Accuracy())
+        Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb]).fit(1, valid=False)
+        assert list(cb.history[0]) == ["epoch", "train_loss", "time"]
+
+
+class TestProtocol:
+    def test_duck_typed_metric(self):
+        """Any object with update/compute/reset is a metric, named by its class in snake case."""
+
+        class MeanPred:
+            def reset(self):
+                self.total, self.n = 0.0, 0
+
+            def update(self, preds, targets):
+                self.total += preds.sum().item()
+                self.n += preds.numel()
+
+            def compute(self):
+                return torch.tensor(self.total / self.n)
+
+        cb = MetricsCB(MeanPred())
+        Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb]).fit(1)
+        assert isinstance(cb.history[0]["mean_pred"], float)
+
+    def test_not_a_metric(self):
+        """An object without the protocol is refused with what it lacks."""
+        with pytest.raises(TypeError, match="lacks update, compute, reset"):
+            MetricsCB(lambda p, t: 0)
+
+    def test_accuracy_all_reduce(self):
+        """Accuracy's all_reduce replaces its counts by their sums; the ratio is computed from the sums."""
+        acc = Accuracy()
+        acc.update(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))
+        acc.all_reduce(lambda t: t + torch.tensor(2))  # as if a second process counted 2 of 2 correct
+        assert (int(acc.correct), acc.total) == (3, 4) and acc.compute() == 0.75
+
+    def test_accuracy_shape_mismatch(self):
+        """Accuracy names both shapes when predictions and targets disagree."""
+        with pytest.raises(ValueError, match=r"preds shape \(4, 3\), targets shape \(5,\)"):
+            Accuracy().update(torch.zeros(4, 3), torch.zeros(5))
+
+
+def test_no_host_sync_per_batch(monkeypatch):
+    """Losses and accuracy stay on the device during the epoch: few conversions, not one per batch."""
+    calls = []
+    for name in ("item", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=original, **k):
+            calls.append(1)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    dls = DataLoaders(DataLoader(make_data(400), batch_size=4), DataLoader(make_data(400, seed=1), batch_size=4))
+    from learnloop import ProgressCB
+
+    Learner(nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(bar=False)]).fit(1)
+    assert len(calls) <= 5  # 200 batches: a per-batch sync would show as hundreds

@@ -1,0 +1,108 @@
+"""ProgressCB: the epoch table, bars on a terminal, plain lines elsewhere, cheap running loss."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from helpers import make_data
+from torch import nn
+from torch.utils.data import DataLoader
+
+from learnloop import Accuracy, DataLoaders, Learner, MetricsCB, ProgressCB
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def fit(out, epochs=2, n=64, bs=16, **kw):
+    dls = DataLoaders(DataLoader(make_data(n), batch_size=bs), DataLoader(make_data(32, seed=1), batch_size=bs))
+    learn = Learner(nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out, **kw)])
+    learn.fit(epochs)
+    return learn
+
+
+def test_not_a_terminal_plain_lines():
+    """Written to a file: a header and one line per epoch, no carriage returns, no bars."""
+    out = io.StringIO()
+    fit(out, epochs=3)
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
+
+
+def test_table_columns_aligned():
+    """Every column of the table ends at the same position on every line."""
+    out = io.StringIO()
+    fit(out, epochs=3)
+    lines = out.getvalue().splitlines()
+    ends = [[i for i, c in enumerate(line) if c != " " and (i + 1 == len(line) or line[i + 1] == " ")]
+            for line in lines]
+    assert all(e == ends[0] for e in ends)
+
+
+def test_terminal_shows_bars():
+    """On a terminal, tqdm bars are drawn with the running loss, and the table is still printed."""
+    out = FakeTTY()
+    fit(out, epochs=2, mininterval=0.0)
+    text = out.getvalue()
+    assert "\r" in text and "epoch" in text and "train" in text and "loss " in text
+    assert "valid_loss" in text
+
+
+def test_running_loss_read_on_interval(monkeypatch):
+    """The running loss is read from the device only when the refresh interval has passed."""
+    reads = []
+    original = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or original(self))
+    out = FakeTTY()
+    dls = DataLoaders(DataLoader(make_data(800), batch_size=4), None)
+    Learner(nn.Linear(4, 3), dls, cbs=[ProgressCB(file=out, mininterval=3600)]).fit(1)
+    assert len(reads) <= 3  # 200 batches, an hour's interval: no per-batch read
+
+
+def test_bars_closed_after_error():
+    """An error mid-fit leaves no open bars behind."""
+
+    class Boom(ProgressCB):
+        def after_batch(self, learn, *args, **kwargs):
+            super().after_batch(learn, *args, **kwargs)
+            raise RuntimeError("boom")
+
+    cb = Boom(file=FakeTTY())
+    dls = DataLoaders(DataLoader(make_data(32), batch_size=8), None)
+    learn = Learner(nn.Linear(4, 3), dls, cbs=[cb])
+    try:
+        learn.fit(1)
+    except RuntimeError:
+        pass
+    assert cb._epoch_bar is None and cb._batch_bar is None
+
+
+def test_notebook_live_plot(monkeypatch):
+    """In a notebook with plot=True, the loss figure is displayed once and then updated in place."""
+    import IPython.display
+    from matplotlib.figure import Figure
+
+    import learnloop.callbacks.progress as progress
+
+    shown = []
+
+    class Handle:
+        def update(self, fig):
+            shown.append(("update", fig))
+
+    def display(fig, display_id=False):
+        shown.append(("display", fig))
+        return Handle()
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", display)
+    fit(io.StringIO(), epochs=3, plot=True, mininterval=3600)
+    assert [kind for kind, _ in shown] == ["display", "update", "update"]
+    assert all(isinstance(fig, Figure) for _, fig in shown)

@@ -1,0 +1,22 @@
+"""benchmarks/cuda_check.py: without CUDA it says so and exits 0 (the CUDA checks themselves need a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_check.py"
+
+
+def test_without_cuda_exits_zero(monkeypatch, capsys):
+    """On a machine without CUDA the script prints that CUDA is unavailable and returns 0."""
+    spec = importlib.util.spec_from_file_location("cuda_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["cuda_check.py"])
+    assert module.main() == 0
+    assert "CUDA is not available" in capsys.readouterr().out
