@@ -351,6 +351,7 @@ def test_show_training_loop(capsys):
     learn = Learner(nn.Linear(4, 3), make_dls())
     learn.show_training_loop()
     lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
-    assert lines["before_batch"] == "DeviceCB, Recorder"
+    assert lines["before_batch"] == "DeviceCB"
+    assert lines["after_loss"] == "MetricsCB, Recorder"
     assert lines["after_epoch"] == "MetricsCB, Recorder, ProgressCB"
     assert lines["after_cancel_step"] == "-"

@@ -151,7 +151,10 @@ class Learner:
             print(f"{event:<24} {', '.join(names) if names else '-'}")
 
     def _fire(self, event: str, **context: Any) -> None:
-        for cb, hook in self._table.get(event, ()):
+        hooks = self._table.get(event)
+        if hooks is None:  # nobody listens: one dict lookup
+            return
+        for cb, hook in hooks:
             try:
                 hook(self, **context)
             except CancelException:

@@ -24,7 +24,7 @@ def test_to_device_nested():
 
 
 def test_to_device_non_blocking(monkeypatch):
-    """Batches are moved with non_blocking=True."""
+    """Tensors are moved with non_blocking=True; tensors already on the device are not copied."""
     seen = []
     original = torch.Tensor.to
 
@@ -33,8 +33,11 @@ def test_to_device_non_blocking(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", spy)
-    to_device([torch.ones(1), (torch.ones(1),)], "cpu")
+    to_device([torch.ones(1), (torch.ones(1),)], "meta")
     assert seen == [True, True]
+    seen.clear()
+    on_cpu = torch.ones(1)
+    assert to_device([on_cpu], "cpu")[0] is on_cpu and seen == []
 
 
 def test_default_device_cpu_here():

@@ -26,14 +26,19 @@ def default_device() -> torch.device:
 
 def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
     """Move tensors in `obj` (nested tuples, lists and dicts too) to `device`; other values pass through."""
+    return _move(obj, torch.device(device), non_blocking)
+
+
+def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
+    # Per batch: tensors already there are returned as they are (`.to` would only parse its arguments).
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return type(obj)({k: to_device(v, device, non_blocking) for k, v in obj.items()})
+        return type(obj)({k: _move(v, device, non_blocking) for k, v in obj.items()})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(v, device, non_blocking) for v in obj))
+        return type(obj)(*[_move(v, device, non_blocking) for v in obj])
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+        return type(obj)([_move(v, device, non_blocking) for v in obj])
     return obj
 
 
@@ -63,7 +68,7 @@ class DeviceCB(Callback):
         self._place_model(learn)  # validate()/get_preds() run without before_fit
 
     def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        learn.batch = to_device(learn.batch, self.device)
+        learn.batch = _move(learn.batch, self.device, True)
 
     def __repr__(self) -> str:
         return f"DeviceCB(device={str(self.device)!r})"

@@ -70,6 +70,7 @@ class ProgressCB(Callback):
         self._widths: list[int] | None = None
         self._plot_handle: Any = None
         self._bars: bool | None = None
+        self._pending = 0
         self._silent = False
 
     def _tqdm(self) -> Any:
@@ -116,6 +117,7 @@ class ProgressCB(Callback):
             mininterval=self.mininterval, dynamic_ncols=True,
         )
         self._last = time.monotonic()
+        self._pending = 0
 
     def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._start_batches(learn, "train")
@@ -127,13 +129,22 @@ class ProgressCB(Callback):
         bar = self._batch_bar
         if bar is None:
             return
+        # Batches are counted here and handed to tqdm once per refresh interval: a tqdm.update
+        # per batch costs more than a small model's step.
+        self._pending += 1
         now = time.monotonic()
-        if now - self._last >= self.mininterval and loss is not None:
+        if now - self._last >= self.mininterval:
             self._last = now
-            bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
+            if loss is not None:
+                bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
             if self.plot and self._notebook and learn.training:
                 self._draw(learn)
-        bar.update(1)
+            self._flush_count()
+
+    def _flush_count(self) -> None:
+        if self._batch_bar is not None and self._pending:
+            self._batch_bar.update(self._pending)
+        self._pending = 0
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._close_batch_bar()
@@ -161,6 +172,7 @@ class ProgressCB(Callback):
         self._bars = None
 
     def _close_batch_bar(self) -> None:
+        self._flush_count()
         if self._batch_bar is not None:
             self._batch_bar.close()
             self._batch_bar = None

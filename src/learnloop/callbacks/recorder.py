@@ -1,13 +1,13 @@
 """`Recorder`: the learning rate and loss of every training batch, and their plots.
 
 Losses are kept as detached tensors and turned into floats in one go when read, so recording
-costs no host sync per batch. The learning rate is read in `before_batch`, before any
-scheduler steps (schedulers step in `after_step`), so `lrs[i]` is the rate batch `i` used.
+costs no host sync per batch. The learning rate is read in `after_loss`, before the step and
+before any scheduler moves it (they step in `after_step` or later), so `lrs[i]` is the rate
+batch `i` stepped with.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,19 +49,14 @@ class Recorder(Callback):
         self._lrs: list[float] = []
         self._losses: list[Tensor] = []
         self._floats: list[float] = []
-        self._lr = math.nan
         self.valid_losses: list[tuple[int, float]] = []
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._reset()
 
-    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        if learn.training:
-            self._lr = learn.opt.param_groups[0]["lr"]
-
     def after_loss(self, learn: Any, loss: Tensor, **kwargs: Any) -> None:
         if learn.training:
-            self._lrs.append(self._lr)
+            self._lrs.append(learn.opt.param_groups[0]["lr"])
             self._losses.append(loss.detach())
 
     def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
