@@ -44,11 +44,19 @@ def make_dls(pin: bool = False, n: int = 4096, bs: int = 256) -> DataLoaders:
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2))
+    return nn.Sequential(
+        nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 2)
+    )
 
 
 def learner(device: str, cbs: list, pin: bool = False, lr: float = 0.2) -> Learner:
-    return Learner(make_model(), make_dls(pin), lr=lr, cbs=[DeviceCB(device), *cbs], default_cbs=False)
+    return Learner(
+        make_model(),
+        make_dls(pin),
+        lr=lr,
+        cbs=[DeviceCB(device), *cbs],
+        default_cbs=False,
+    )
 
 
 def linear_dtypes(learn: Learner) -> set[torch.dtype]:
@@ -71,14 +79,19 @@ def check_fp16_scaler(device: str) -> str:
 
         def after_backward(self, learn, *args, **kwargs):
             if (learn.epoch, learn.iter) == (1, 3):
-                seen_state["weights"] = [p.detach().clone() for p in learn.model.parameters()]
+                seen_state["weights"] = [
+                    p.detach().clone() for p in learn.model.parameters()
+                ]
                 seen_state["scale"] = mp.scaler.get_scale()
                 seen_state["skipped"] = mp.skipped_steps
                 next(learn.model.parameters()).grad[0, 0] = float("inf")
 
         def after_batch(self, learn, *args, **kwargs):
             if (learn.epoch, learn.iter) == (1, 3):
-                kept = all(torch.equal(a, b) for a, b in zip(seen_state["weights"], learn.model.parameters()))
+                kept = all(
+                    torch.equal(a, b)
+                    for a, b in zip(seen_state["weights"], learn.model.parameters())
+                )
                 seen_state["kept"] = kept
                 seen_state["scale_after"] = mp.scaler.get_scale()
                 seen_state["skipped_after"] = mp.skipped_steps
@@ -92,12 +105,14 @@ def check_fp16_scaler(device: str) -> str:
     assert mp.scaler is not None, "no GradScaler was made for float16"
     assert dtypes == {torch.float16}, f"Linear outputs were {dtypes}, expected float16"
     assert seen_state["kept"], "weights changed on the step with an inf gradient"
-    assert seen_state["skipped_after"] == seen_state["skipped"] + 1, "the inf step was not counted"
-    assert seen_state["scale_after"] == seen_state["scale"] / 2, "the loss scale did not halve"
-    assert after < before * 0.9, f"loss did not fall: {before:.4f} -> {after:.4f}"
-    return (
-        f"loss {before:.3f} -> {after:.3f}, skipped {mp.skipped_per_epoch}, scale {mp.scaler.get_scale():g}"
+    assert seen_state["skipped_after"] == seen_state["skipped"] + 1, (
+        "the inf step was not counted"
     )
+    assert seen_state["scale_after"] == seen_state["scale"] / 2, (
+        "the loss scale did not halve"
+    )
+    assert after < before * 0.9, f"loss did not fall: {before:.4f} -> {after:.4f}"
+    return f"loss {before:.3f} -> {after:.3f}, skipped {mp.skipped_per_epoch}, scale {mp.scaler.get_scale():g}"
 
 
 def check_bf16(device: str) -> str:
@@ -125,7 +140,9 @@ def check_fp16_accum_clip(device: str) -> str:
     mixed.fit(1)
     a, b = torch.tensor(ref_clip.norms), torch.tensor(mp_clip.norms)
     assert len(a) == len(b) == 4, f"expected 4 steps, got {len(a)} and {len(b)}"
-    assert torch.allclose(a, b, rtol=0.05), f"norms differ: {a.tolist()} vs {b.tolist()}"
+    assert torch.allclose(a, b, rtol=0.05), (
+        f"norms differ: {a.tolist()} vs {b.tolist()}"
+    )
     return f"norms {[round(v, 3) for v in b.tolist()]}"
 
 
@@ -164,7 +181,9 @@ def check_compile(device: str) -> str:
     x = torch.randn(512, 64, device=device)
     with torch.no_grad():
         compiled, eager = learn.model(x), learn.model.forward(x)
-    assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), "compiled and eager outputs differ"
+    assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4), (
+        "compiled and eager outputs differ"
+    )
     return f"first fit (with compilation) {took:.1f}s"
 
 
@@ -179,11 +198,15 @@ CHECKS: list[Callable[[str], str]] = [
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="cuda (default) or cpu for a dry run")
+    parser.add_argument(
+        "--device", default=None, help="cuda (default) or cpu for a dry run"
+    )
     device = parser.parse_args().device
     if device is None:
         if not torch.cuda.is_available():
-            print("CUDA is not available: no CUDA checks run (use --device cpu for a dry run). EXIT 0")
+            print(
+                "CUDA is not available: no CUDA checks run (use --device cpu for a dry run). EXIT 0"
+            )
             return 0
         device = "cuda"
     print(
@@ -196,13 +219,18 @@ def main() -> int:
         try:
             detail = check(device)
             status = "SKIP" if detail.startswith("SKIP") else "PASS"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - report the failed check, run the others
             status, detail = "FAIL", f"{type(e).__name__}: {e}"
             traceback.print_exc(file=sys.stderr)
         counts[status] += 1
-        print(f"{status} {check.__name__:<28} {time.perf_counter() - start:6.1f}s  {detail}", flush=True)
+        print(
+            f"{status} {check.__name__:<28} {time.perf_counter() - start:6.1f}s  {detail}",
+            flush=True,
+        )
     verdict = "FAIL" if counts["FAIL"] else "PASS"
-    print(f"{verdict}: {counts['PASS']} passed, {counts['SKIP']} skipped, {counts['FAIL']} failed")
+    print(
+        f"{verdict}: {counts['PASS']} passed, {counts['SKIP']} skipped, {counts['FAIL']} failed"
+    )
     return 1 if counts["FAIL"] else 0
 
 

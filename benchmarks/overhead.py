@@ -28,21 +28,36 @@ from learnloop.models import linear, mlp, simple_cnn
 WORKLOADS = {  # name: (model factory, batch size, input shape, share of --batches, target ratio)
     "linear-784-10-bs64": (lambda: linear(784, 10), 64, (784,), 1.0, 1.15),
     "mlp-784-50-10-bs256": (lambda: mlp(784, 10, 50), 256, (784,), 1.0, 1.05),
-    "cnn-bs256": (lambda: simple_cnn(1, 10), 256, (1, 28, 28), 0.1, 1.05),  # ~0.1 s a batch on one core
+    "cnn-bs256": (
+        lambda: simple_cnn(1, 10),
+        256,
+        (1, 28, 28),
+        0.1,
+        1.05,
+    ),  # ~0.1 s a batch on one core
 }
 
 
-def batches(n: int, bs: int, shape: tuple[int, ...], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    n: int, bs: int, shape: tuple[int, ...], seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(bs, *shape, generator=g), torch.randint(0, 10, (bs,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(bs, *shape, generator=g), torch.randint(0, 10, (bs,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def _mean(losses: list[torch.Tensor], counts: list[int]) -> float:
     counts_t = torch.tensor(counts, dtype=torch.float32)
-    return float((torch.stack(losses) * counts_t).sum() / counts_t.sum())  # the epoch's one host sync
+    return float(
+        (torch.stack(losses) * counts_t).sum() / counts_t.sum()
+    )  # the epoch's one host sync
 
 
-def hand_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: list, valid: list) -> tuple[float, float]:
+def hand_epoch(
+    model: nn.Module, opt: torch.optim.Optimizer, train: list, valid: list
+) -> tuple[float, float]:
     """What a careful hand-written loop does: no per-batch .item(), one sync per phase."""
     model.train()
     losses, counts = [], []
@@ -67,10 +82,18 @@ def hand_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: list, valid:
 def run(name: str, rounds: int, n_batches: int) -> tuple[float, float, float]:
     factory, bs, shape, share, _ = WORKLOADS[name]
     n_batches = max(5, int(n_batches * share))
-    train, valid = batches(n_batches, bs, shape, 0), batches(max(1, n_batches // 5), bs, shape, 1)
+    train, valid = (
+        batches(n_batches, bs, shape, 0),
+        batches(max(1, n_batches // 5), bs, shape, 1),
+    )
     torch.manual_seed(0)
     null = open(os.devnull, "w")  # noqa: SIM115 - closed below; the Learner writes to it across fits
-    learn = Learner(factory(), DataLoaders(train, valid), lr=0.01, cbs=[ProgressCB(file=null, bar=True)])
+    learn = Learner(
+        factory(),
+        DataLoaders(train, valid),
+        lr=0.01,
+        cbs=[ProgressCB(file=null, bar=True)],
+    )
     learn.fit(1)  # warm-up; creates learn.opt
     # The hand-written loop trains the same module with the same optimizer, so both read and write
     # the same memory; which one goes first alternates from round to round.
@@ -82,7 +105,9 @@ def run(name: str, rounds: int, n_batches: int) -> tuple[float, float, float]:
                 hand_epoch(learn.model, learn.opt, train, valid)
             else:
                 learn.fit(1)
-            (hand_times if which == "hand" else learn_times).append(time.perf_counter() - t)
+            (hand_times if which == "hand" else learn_times).append(
+                time.perf_counter() - t
+            )
     null.close()
     hand, lrn = statistics.median(hand_times), statistics.median(learn_times)
     return hand, lrn, lrn / hand
@@ -91,19 +116,30 @@ def run(name: str, rounds: int, n_batches: int) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--batches", type=int, default=200, help="training batches per epoch (CNN: a tenth)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=200,
+        help="training batches per epoch (CNN: a tenth)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=list(WORKLOADS), help="run one workload")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, "
-          f"{args.batches} train + {args.batches // 5} valid batches per epoch (CNN: a tenth)")
-    print(f"{'workload':<22} {'hand (s)':>9} {'learner (s)':>12} {'ratio':>7} {'target':>7}")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds, "
+        f"{args.batches} train + {args.batches // 5} valid batches per epoch (CNN: a tenth)"
+    )
+    print(
+        f"{'workload':<22} {'hand (s)':>9} {'learner (s)':>12} {'ratio':>7} {'target':>7}"
+    )
     for name in [args.only] if args.only else WORKLOADS:
         hand, lrn, ratio = run(name, args.rounds, args.batches)
         target = WORKLOADS[name][4]
         flag = "ok" if ratio <= target else "OVER"
-        print(f"{name:<22} {hand:>9.4f} {lrn:>12.4f} {ratio:>7.3f} {'<=' + str(target):>7} {flag}")
+        print(
+            f"{name:<22} {hand:>9.4f} {lrn:>12.4f} {ratio:>7.3f} {'<=' + str(target):>7} {flag}"
+        )
 
 
 if __name__ == "__main__":

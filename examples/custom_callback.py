@@ -69,14 +69,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     dls = DataLoaders.from_dd(
-        load_digits(), args.bs, batched=True, batch_tfms=[Normalize(4.9, 6.0), add_channel]
+        load_digits(),
+        args.bs,
+        batched=True,
+        batch_tfms=[Normalize(4.9, 6.0), add_channel],
     )
     count, skip, best = CountBatches(), SkipWarmup(n=2), BestEpoch()
     learn = Learner(
-        mlp(n_in=64, n_out=10), dls, lr=3e-3, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())]
+        mlp(n_in=64, n_out=10),
+        dls,
+        lr=3e-3,
+        opt_func=torch.optim.AdamW,
+        cbs=[MetricsCB(Accuracy())],
     )
     learn.fit(args.epochs, cbs=[count, skip, best])  # these three for this fit only
-    seen = {"train_batches": count.train_batches, "skipped": skip.skipped, "best_epoch": best.best}
+    seen = {
+        "train_batches": count.train_batches,
+        "skipped": skip.skipped,
+        "best_epoch": best.best,
+    }
     print(
         f"{seen['train_batches']} training batches ({seen['skipped']} cancelled); best (epoch, accuracy): {best.best}"
     )

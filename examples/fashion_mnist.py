@@ -22,13 +22,26 @@ from learnloop.models import simple_cnn
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="zalando-datasets/fashion_mnist", help="hub name or local folder")
+    parser.add_argument(
+        "--data",
+        default="zalando-datasets/fashion_mnist",
+        help="hub name or local folder",
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--bs", type=int, default=128, help="batch size")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N rows of each split")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", default="fashion_mnist_loss.png", help="where to write the loss plot")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N rows of each split",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--out", default="fashion_mnist_loss.png", help="where to write the loss plot"
+    )
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args(argv)
 
@@ -41,7 +54,12 @@ def main(argv: Sequence[str] | None = None) -> float:
         torch.set_num_threads(args.threads)
     dd = load_data(args.data)
     if args.limit:
-        dd = type(dd)({name: split.select(range(min(args.limit, len(split)))) for name, split in dd.items()})
+        dd = type(dd)(
+            {
+                name: split.select(range(min(args.limit, len(split))))
+                for name, split in dd.items()
+            }
+        )
     # Decoded once (cached); normalised with the per-channel stats of the uint8 training images.
     dls = DataLoaders.from_dd(dd, args.bs, batched=True)
     images = dls.train.dataset.columns["image"]
@@ -50,7 +68,12 @@ def main(argv: Sequence[str] | None = None) -> float:
         dl.dataset.tfms.append(norm)
     n_classes = dd["train"].features["label"].num_classes
     model = simple_cnn(n_in=images.shape[1], n_out=n_classes, widths=(8, 16, 32, 64))
-    learn = Learner(model, dls, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy()), ProgressCB()])
+    learn = Learner(
+        model,
+        dls,
+        opt_func=torch.optim.AdamW,
+        cbs=[MetricsCB(Accuracy()), ProgressCB()],
+    )
     learn.fit_one_cycle(args.epochs, lr_max=args.lr)
     accuracy = learn.epoch_log["accuracy"]
     print(f"final validation accuracy: {accuracy:.4f}")

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import make_dls
+from torch import nn
 
 from learnloop import DataLoaders
 
-FASHION_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion_mnist"
+FASHION_MNIST = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion_mnist"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +44,16 @@ def hf_dataset():
     """An in-memory Hugging Face Dataset with an 8x8 image column and a ClassLabel column."""
     datasets = pytest.importorskip("datasets")
     features = datasets.Features(
-        {"image": datasets.Array2D((8, 8), "uint8"), "label": datasets.ClassLabel(names=["a", "b", "c"])}
+        {
+            "image": datasets.Array2D((8, 8), "uint8"),
+            "label": datasets.ClassLabel(names=["a", "b", "c"]),
+        }
     )
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 255, (30, 8, 8), generator=g, dtype=torch.uint8).numpy()
-    return datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(30)]}, features=features)
+    return datasets.Dataset.from_dict(
+        {"image": images, "label": [i % 3 for i in range(30)]}, features=features
+    )
 
 
 @pytest.fixture

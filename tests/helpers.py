@@ -8,7 +8,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from learnloop import DataLoaders
 
 
-def make_data(n: int = 96, n_in: int = 4, n_classes: int = 3, seed: int = 0) -> TensorDataset:
+def make_data(
+    n: int = 96, n_in: int = 4, n_classes: int = 3, seed: int = 0
+) -> TensorDataset:
     """A linearly separable `n`-row classification set."""
     w = torch.randn(n_in, n_classes, generator=torch.Generator().manual_seed(1234))
     x = torch.randn(n, n_in, generator=torch.Generator().manual_seed(seed))
@@ -18,4 +20,7 @@ def make_data(n: int = 96, n_in: int = 4, n_classes: int = 3, seed: int = 0) -> 
 def make_dls(n: int = 96, bs: int = 16, shuffle: bool = False, **kw) -> DataLoaders:
     """DataLoaders over `make_data` (valid is a second draw of the same task)."""
     train, valid = make_data(n, **kw), make_data(n // 2, seed=1, **kw)
-    return DataLoaders(DataLoader(train, batch_size=bs, shuffle=shuffle), DataLoader(valid, batch_size=bs * 2))
+    return DataLoaders(
+        DataLoader(train, batch_size=bs, shuffle=shuffle),
+        DataLoader(valid, batch_size=bs * 2),
+    )

@@ -47,7 +47,9 @@ class StepSchedCB(Callback):
 def make_learner(seed: int, generator: bool, cbs=()) -> Learner:
     """A dropout MLP on shuffled data; `seed` sets the init (and the loader generator's seed)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    model = nn.Sequential(
+        nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
+    )
     gen = torch.Generator().manual_seed(seed + 1) if generator else None
     train = DataLoader(make_data(96), batch_size=16, shuffle=True, generator=gen)
     dls = DataLoaders(train, DataLoader(make_data(48, seed=1), batch_size=32))
@@ -69,11 +71,19 @@ def weights(learn: Learner) -> dict[str, torch.Tensor]:
 def draws(learn: Learner) -> tuple:
     """The weights, then one draw from each random stream a checkpoint restores."""
     gen = learn.dls.train.generator
-    return weights(learn), torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen)
+    return (
+        weights(learn),
+        torch.rand(3),
+        random.random(),
+        np.random.rand(),
+        torch.rand(2, generator=gen),
+    )
 
 
 class TestExactResume:
-    @pytest.mark.parametrize("generator", [False, True], ids=["global-rng", "loader-generator"])
+    @pytest.mark.parametrize(
+        "generator", [False, True], ids=["global-rng", "loader-generator"]
+    )
     def test_resumed_fit_is_bitwise_identical(self, tmp_path, generator):
         """4 epochs equal 2 epochs + checkpoint + a fresh learner resuming to 4, bit for bit."""
         full = make_learner(0, generator)
@@ -81,7 +91,9 @@ class TestExactResume:
         first = make_learner(0, generator, cbs=[CheckpointCB(tmp_path)])
         first.fit(2)
         random.seed(99), np.random.seed(99)
-        fresh = make_learner(123, generator, cbs=[CheckpointCB(tmp_path)])  # other init, other RNG state
+        fresh = make_learner(
+            123, generator, cbs=[CheckpointCB(tmp_path)]
+        )  # other init, other RNG state
         fresh.fit(4, resume=tmp_path)
         assert fresh.epochs_done == 4
         for key, value in weights(full).items():
@@ -171,7 +183,11 @@ class TestSafeLoading:
     def _learner_and_state(self):
         learn = make_learner(0, False)
         learn.fit(1)
-        return learn, weights(learn), learn.opt.state_dict()["state"][0]["momentum_buffer"].clone()
+        return (
+            learn,
+            weights(learn),
+            learn.opt.state_dict()["state"][0]["momentum_buffer"].clone(),
+        )
 
     def _unchanged(self, learn, w, buf):
         assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in w.items())
@@ -186,9 +202,11 @@ class TestSafeLoading:
         make_learner(1, False).save(path)
         data = path.read_bytes()
         path.write_bytes(
-            {"truncated": data[: len(data) // 2], "garbage": b"\x00not a checkpoint" * 50, "empty": b""}[
-                damage
-            ]
+            {
+                "truncated": data[: len(data) // 2],
+                "garbage": b"\x00not a checkpoint" * 50,
+                "empty": b"",
+            }[damage]
         )
         with pytest.raises(ValueError, match=r"c\.pt is corrupt"):
             learn.load(path)
@@ -198,14 +216,18 @@ class TestSafeLoading:
         """A plain state_dict saved with torch.save is named as not a learnloop checkpoint."""
         learn, w, buf = self._learner_and_state()
         torch.save(learn.model.state_dict(), tmp_path / "w.pt")
-        with pytest.raises(ValueError, match="not a learnloop checkpoint.*model.load_state_dict"):
+        with pytest.raises(
+            ValueError, match="not a learnloop checkpoint.*model.load_state_dict"
+        ):
             learn.load(tmp_path / "w.pt")
         self._unchanged(learn, w, buf)
 
     def test_pickled_objects_are_not_executed(self, tmp_path):
         """A file with arbitrary pickled objects is refused by weights_only loading."""
         learn, w, buf = self._learner_and_state()
-        torch.save({"format": "learnloop.checkpoint", "evil": Path("x")}, tmp_path / "p.pt")
+        torch.save(
+            {"format": "learnloop.checkpoint", "evil": Path("x")}, tmp_path / "p.pt"
+        )
         with pytest.raises(ValueError, match="weights_only"):
             learn.load(tmp_path / "p.pt")
         self._unchanged(learn, w, buf)
@@ -219,7 +241,9 @@ class TestSafeLoading:
             default_cbs=False,
         )
         other.save(tmp_path / "o.pt")
-        with pytest.raises(ValueError, match=r"does not fit Sequential: shape mismatch.*0\.weight"):
+        with pytest.raises(
+            ValueError, match=r"does not fit Sequential: shape mismatch.*0\.weight"
+        ):
             learn.load(tmp_path / "o.pt")
         self._unchanged(learn, w, buf)
 
@@ -229,7 +253,10 @@ class TestSafeLoading:
         learn.fit(1)
         learn.save(tmp_path / "s.pt")  # the scheduler has taken 6 steps here
         learn.fit(2)  # and 12 here
-        w, buf = weights(learn), learn.opt.state_dict()["state"][0]["momentum_buffer"].clone()
+        w, buf = (
+            weights(learn),
+            learn.opt.state_dict()["state"][0]["momentum_buffer"].clone(),
+        )
 
         class Picky(Callback):
             order = 99
@@ -245,7 +272,9 @@ class TestSafeLoading:
         torch.save(ck, tmp_path / "s.pt")
         sched = next(cb for cb in learn.cbs if isinstance(cb, StepSchedCB))
         learn.add_cbs(Picky())
-        with pytest.raises(ValueError, match="Picky.load_state_dict failed.*wrong version"):
+        with pytest.raises(
+            ValueError, match="Picky.load_state_dict failed.*wrong version"
+        ):
             learn.load(tmp_path / "s.pt")
         assert sched._pending["last_epoch"] == 12  # its own state, not the file's 6
         assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in w.items())

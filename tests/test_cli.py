@@ -27,26 +27,49 @@ def test_default_run_trains_digits(tmp_path, capsys):
 @pytest.mark.parametrize("model", ["mlp", "linear"])
 def test_other_models(tmp_path, model):
     """--model picks another architecture, which trains too."""
-    assert main(["train", "--model", model, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["train", "--model", model, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    )
     assert (tmp_path / "model.pt").exists()
 
 
 def test_bad_data_is_a_clear_error(tmp_path, capsys):
     """A path that does not exist and is no hub dataset gives a one-line error and exit code 2."""
     missing = tmp_path / "nope" / "data.parquet"
-    assert main(["train", "--data", str(missing), "--out", str(tmp_path), "--epochs", "1"]) == 2
+    assert (
+        main(["train", "--data", str(missing), "--out", str(tmp_path), "--epochs", "1"])
+        == 2
+    )
     assert "Could not load" in capsys.readouterr().err
 
 
 def test_console_script_runs(tmp_path):
     """`python -m learnloop.cli train` runs as a process and prints one plain line per epoch to a pipe."""
     result = subprocess.run(
-        [sys.executable, "-m", "learnloop.cli", "train", "--epochs", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "learnloop.cli",
+            "train",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stdout
-    assert result.stdout.splitlines()[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert result.stdout.splitlines()[0].split() == [
+        "epoch",
+        "train_loss",
+        "valid_loss",
+        "accuracy",
+        "time",
+    ]
 
 
 def test_train_png_parquet(tmp_path):

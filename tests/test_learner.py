@@ -57,14 +57,30 @@ def tiny_learner(cbs, n_train=16, n_valid=8, **kw):
     return Learner(nn.Linear(4, 3), dls, cbs=cbs, default_cbs=False, **kw)
 
 
-TRAIN_BATCH = ["before_batch", "after_pred", "after_loss", "before_backward", "after_backward",
-               "before_step", "after_step", "after_batch"]
+TRAIN_BATCH = [
+    "before_batch",
+    "after_pred",
+    "after_loss",
+    "before_backward",
+    "after_backward",
+    "before_step",
+    "after_step",
+    "after_batch",
+]
 VALID_BATCH = ["before_batch", "after_pred", "after_loss", "after_batch"]
 
 
 def clean_epoch():
-    return ["before_epoch", "before_train", *TRAIN_BATCH, "after_train",
-            "before_validate", *VALID_BATCH, "after_validate", "after_epoch"]
+    return [
+        "before_epoch",
+        "before_train",
+        *TRAIN_BATCH,
+        "after_train",
+        "before_validate",
+        *VALID_BATCH,
+        "after_validate",
+        "after_epoch",
+    ]
 
 
 class TestEventOrder:
@@ -100,15 +116,26 @@ class TestEventOrder:
                 seen["iter"] = iter
 
         tiny_learner([Ctx()]).fit(3)
-        assert seen == {"n_epochs": 3, "epochs": [0, 1, 2], "loss_is_learn_loss": True, "iter": 0}
+        assert seen == {
+            "n_epochs": 3,
+            "epochs": [0, 1, 2],
+            "loss_is_learn_loss": True,
+            "iter": 0,
+        }
 
     def test_order_and_stable_ties(self):
         """Callbacks run by ascending order; equal orders keep the order they were attached in."""
         calls = []
 
         def cb(name, order):
-            return type(name, (Callback,), {"order": order,
-                                            "before_fit": lambda self, learn, **k: calls.append(name)})()
+            return type(
+                name,
+                (Callback,),
+                {
+                    "order": order,
+                    "before_fit": lambda self, learn, **k: calls.append(name),
+                },
+            )()
 
         tiny_learner([cb("c", 5), cb("a", 1), cb("b1", 3), cb("b2", 3)]).fit(1)
         assert calls == ["a", "b1", "b2", "c"]
@@ -116,25 +143,60 @@ class TestEventOrder:
 
 CANCEL_CASES = [
     # (raised in, exception, the sequence expected around it)
-    ("after_pred", CancelBatchException,
-     ["before_batch", "after_pred", "after_cancel_batch", "after_batch", "after_train"]),
-    ("before_backward", CancelBackwardException,
-     ["before_backward", "after_cancel_backward", "after_backward", "before_step"]),
-    ("before_step", CancelStepException,
-     ["before_step", "after_cancel_step", "after_step", "after_batch"]),
-    ("before_train", CancelTrainException,
-     ["before_train", "after_cancel_train", "after_train", "before_validate"]),
-    ("before_validate", CancelValidException,
-     ["before_validate", "after_cancel_validate", "after_validate", "after_epoch"]),
-    ("before_epoch", CancelEpochException,
-     ["before_fit", "before_epoch", "after_cancel_epoch", "after_epoch", "after_fit"]),
-    ("after_train", CancelFitException,
-     ["after_train", "after_cancel_fit", "after_fit"]),
+    (
+        "after_pred",
+        CancelBatchException,
+        [
+            "before_batch",
+            "after_pred",
+            "after_cancel_batch",
+            "after_batch",
+            "after_train",
+        ],
+    ),
+    (
+        "before_backward",
+        CancelBackwardException,
+        ["before_backward", "after_cancel_backward", "after_backward", "before_step"],
+    ),
+    (
+        "before_step",
+        CancelStepException,
+        ["before_step", "after_cancel_step", "after_step", "after_batch"],
+    ),
+    (
+        "before_train",
+        CancelTrainException,
+        ["before_train", "after_cancel_train", "after_train", "before_validate"],
+    ),
+    (
+        "before_validate",
+        CancelValidException,
+        ["before_validate", "after_cancel_validate", "after_validate", "after_epoch"],
+    ),
+    (
+        "before_epoch",
+        CancelEpochException,
+        [
+            "before_fit",
+            "before_epoch",
+            "after_cancel_epoch",
+            "after_epoch",
+            "after_fit",
+        ],
+    ),
+    (
+        "after_train",
+        CancelFitException,
+        ["after_train", "after_cancel_fit", "after_fit"],
+    ),
 ]
 
 
 class TestCancel:
-    @pytest.mark.parametrize("event,exc,expected", CANCEL_CASES, ids=[c[1].__name__ for c in CANCEL_CASES])
+    @pytest.mark.parametrize(
+        "event,exc,expected", CANCEL_CASES, ids=[c[1].__name__ for c in CANCEL_CASES]
+    )
     def test_cancel_levels(self, event, exc, expected):
         """Each Cancel* skips the rest of its level, then after_cancel_<level> and after_<level> run."""
         cb = recorder(trigger=event, exc=exc())
@@ -150,7 +212,9 @@ class TestCancel:
         learn = tiny_learner([cb])
         before = copy.deepcopy(learn.model.state_dict())
         learn.fit(2)
-        assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+        assert all(
+            torch.equal(before[k], v) for k, v in learn.model.state_dict().items()
+        )
 
     def test_cancel_fit_stops_epochs(self):
         """CancelFitException in after_epoch ends the fit after that epoch."""
@@ -161,7 +225,9 @@ class TestCancel:
     def test_cancel_outside_its_level(self):
         """A batch cancel raised at fit level is reported as a misuse, and after_fit still runs."""
         cb = recorder(trigger="before_fit", exc=CancelBatchException())
-        with pytest.raises(RuntimeError, match="CancelBatchException was raised outside"):
+        with pytest.raises(
+            RuntimeError, match="CancelBatchException was raised outside"
+        ):
             tiny_learner([cb]).fit(1)
         assert cb.events[-1] == "after_fit"
 
@@ -213,7 +279,9 @@ class TestCleanup:
 
         class Spy(Callback):
             def after_pred(self, learn, preds, **kwargs):
-                modes.append((learn.training, learn.model.training, preds.requires_grad))
+                modes.append(
+                    (learn.training, learn.model.training, preds.requires_grad)
+                )
 
         learn = tiny_learner([Spy()])
         learn.fit(1)
@@ -234,24 +302,36 @@ class TestErrors:
         with pytest.raises(RuntimeError) as info:
             learn.fit(1)
         note = "\n".join(getattr(info.value, "__notes__", []))
-        assert "predict" in note and "epoch 0, training batch 0" in note and "shape (16, 4)" in note
+        assert (
+            "predict" in note
+            and "epoch 0, training batch 0" in note
+            and "shape (16, 4)" in note
+        )
 
     def test_loss_error_note(self):
         """A loss error shows the shapes and dtypes of preds and targets."""
         x, y = make_data(16).tensors
-        dl = DataLoader(TensorDataset(x, y[:, None]), batch_size=16)  # targets (16, 1): a common mistake
+        dl = DataLoader(
+            TensorDataset(x, y[:, None]), batch_size=16
+        )  # targets (16, 1): a common mistake
         learn = Learner(nn.Linear(4, 3), DataLoaders(dl, None), default_cbs=False)
         with pytest.raises(RuntimeError) as info:
             learn.fit(1)
         note = "\n".join(getattr(info.value, "__notes__", []))
-        assert "get_loss" in note and "preds shape (16, 3) float32" in note and "targets shape (16, 1) int64" in note
+        assert (
+            "get_loss" in note
+            and "preds shape (16, 3) float32" in note
+            and "targets shape (16, 1) int64" in note
+        )
 
     def test_callback_error_note(self):
         """An error in a hook names the callback, the event, the epoch and the batch."""
         cb = recorder(trigger="after_loss", exc=ZeroDivisionError("oops"))
         with pytest.raises(ZeroDivisionError) as info:
             tiny_learner([cb]).fit(1)
-        assert "Recording.after_loss (epoch 0, training batch 0)" in "\n".join(info.value.__notes__)
+        assert "Recording.after_loss (epoch 0, training batch 0)" in "\n".join(
+            info.value.__notes__
+        )
 
     def test_dict_batches(self):
         """Dict batches get an error pointing at collate_dict."""
@@ -260,7 +340,10 @@ class TestErrors:
         with pytest.raises(TypeError, match="collate_dict"):
             learn.fit(1)
 
-    @pytest.mark.parametrize("kwargs,match", [({"n_epochs": -1}, "n_epochs"), ({"lr": 0}, "lr must be positive")])
+    @pytest.mark.parametrize(
+        "kwargs,match",
+        [({"n_epochs": -1}, "n_epochs"), ({"lr": 0}, "lr must be positive")],
+    )
     def test_bad_fit_arguments(self, kwargs, match):
         """fit rejects a negative epoch count and a non-positive learning rate."""
         with pytest.raises(ValueError, match=match):
@@ -274,10 +357,16 @@ class TestInference:
         before = copy.deepcopy(learn.model.state_dict())
         preds, targets = learn.get_preds()
         x, y = make_data(8, seed=1).tensors
-        assert not preds.requires_grad and preds.grad_fn is None and preds.device.type == "cpu"
+        assert (
+            not preds.requires_grad
+            and preds.grad_fn is None
+            and preds.device.type == "cpu"
+        )
         torch.testing.assert_close(preds, learn.model(x).detach())
         assert torch.equal(targets, y)
-        assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+        assert all(
+            torch.equal(before[k], v) for k, v in learn.model.state_dict().items()
+        )
 
     def test_get_preds_memory(self):
         """get_preds keeps no per-batch graphs: peak memory does not grow with the number of batches."""
@@ -315,9 +404,15 @@ class TestInference:
         result = learn.validate()
         x, y = make_data(48, seed=1).tensors
         out = learn.model(x)
-        assert result["valid_loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)
-        assert result["accuracy"] == pytest.approx((out.argmax(1) == y).float().mean().item())
-        assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+        assert result["valid_loss"] == pytest.approx(
+            F.cross_entropy(out, y).item(), rel=1e-5
+        )
+        assert result["accuracy"] == pytest.approx(
+            (out.argmax(1) == y).float().mean().item()
+        )
+        assert all(
+            torch.equal(before[k], v) for k, v in learn.model.state_dict().items()
+        )
 
 
 def test_oracle_matches_hand_written_loop():
@@ -350,7 +445,10 @@ def test_show_training_loop(capsys):
     """show_training_loop lists, per event, the callbacks that run on it, in order."""
     learn = Learner(nn.Linear(4, 3), make_dls())
     learn.show_training_loop()
-    lines = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()}
+    lines = {
+        line.split()[0]: line.split(None, 1)[1]
+        for line in capsys.readouterr().out.splitlines()
+    }
     assert lines["before_batch"] == "DeviceCB"
     assert lines["after_loss"] == "MetricsCB, Recorder"
     assert lines["after_epoch"] == "MetricsCB, Recorder, ProgressCB"

@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
@@ -25,25 +25,33 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert blocks
     for i, block in enumerate(blocks):
         try:
-            exec(compile(block, f"README.md python block {i}", "exec"), namespace)
-        except Exception as e:
-            pytest.fail(f"README python block {i} failed: {type(e).__name__}: {e}\n{block}")
+            exec(compile(block, f"README.md python block {i}", "exec"), namespace)  # noqa: S102 - the point
+        except Exception as e:  # noqa: BLE001 - report which block failed
+            pytest.fail(
+                f"README python block {i} failed: {type(e).__name__}: {e}\n{block}"
+            )
 
 
 def test_quickstart_trains(tmp_path, monkeypatch):
     """The quickstart reaches a useful accuracy on the embedded digits."""
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "readme"}
-    exec(python_blocks()[0], namespace)
+    exec(python_blocks()[0], namespace)  # noqa: S102 - runs the README quickstart
     assert namespace["learn"].epoch_log["accuracy"] > 0.9
 
 
 def test_readme_lists_every_event():
     """The README's event table names every event, with its context keys."""
     text = README.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| `before_") or line.startswith("| `after_")]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith(("| `before_", "| `after_"))
+    ]
     for event in EVENTS:
         row = next((r for r in rows if f"`{event}`" in r), None)
         assert row is not None, f"{event} missing from the README's event table"
         for key in EVENT_CONTEXT[event]:
-            assert f"`{key}`" in row, f"{event}'s context key {key} missing from its README row"
+            assert f"`{key}`" in row, (
+                f"{event}'s context key {key} missing from its README row"
+            )

@@ -13,7 +13,12 @@ from .callbacks.metrics import Accuracy, MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import BatchSchedCB, EpochSchedCB, OneCycle
-from .callbacks.tracking import CheckpointCB, EarlyStoppingCB, StopReason, TerminateOnNaNCB
+from .callbacks.tracking import (
+    CheckpointCB,
+    EarlyStoppingCB,
+    StopReason,
+    TerminateOnNaNCB,
+)
 from .callbacks.training import GradAccumCB, GradClipCB, MixedPrecisionCB
 from .data.hf import collate_dict, inplace
 from .data.loaders import DataLoaders
@@ -53,8 +58,8 @@ __all__ = [
     "DeviceCB",
     "DistributedCB",
     "EarlyStoppingCB",
-    "GatherPredsCB",
     "EpochSchedCB",
+    "GatherPredsCB",
     "GradAccumCB",
     "GradClipCB",
     "Hook",

@@ -69,7 +69,9 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
 
 
 def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":  # Windows cannot open a folder; its rename is already durable enough
+    if (
+        os.name != "posix"
+    ):  # Windows cannot open a folder; its rename is already durable enough
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -111,7 +113,9 @@ def stateful_callbacks(cbs: list[Any]) -> dict[str, Any]:
     """Attached callbacks with `state_dict`/`load_state_dict`, keyed by class name (`Name_1` for a second one)."""
     out: dict[str, Any] = {}
     for cb in cbs:
-        if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None)):
+        if callable(getattr(cb, "state_dict", None)) and callable(
+            getattr(cb, "load_state_dict", None)
+        ):
             name = key = type(cb).__name__
             i = 1
             while key in out:
@@ -141,7 +145,11 @@ def _generators(dl: Any) -> list[torch.Generator]:
 def _rng_state(learn: Any) -> dict[str, Any]:
     version, state, gauss = random.getstate()
     rng: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+        "python": {
+            "version": version,
+            "state": torch.tensor(state, dtype=torch.int64),
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
         "loaders": [g.get_state() for g in _generators(learn.dls.train)],
     }
@@ -158,7 +166,9 @@ def _rng_state(learn: Any) -> dict[str, Any]:
             "has_gauss": int(has_gauss),
             "cached": float(cached),
         }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # untested here: no GPU in CI
+    if (
+        torch.cuda.is_available() and torch.cuda.is_initialized()
+    ):  # untested here: no GPU in CI
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
@@ -172,7 +182,13 @@ def _set_rng_state(learn: Any, rng: dict[str, Any]) -> None:
 
         n = rng["numpy"]
         np.random.set_state(
-            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+            (
+                n["kind"],
+                n["keys"].numpy().astype(np.uint32),
+                n["pos"],
+                n["has_gauss"],
+                n["cached"],
+            )
         )
     if "cuda" in rng and torch.cuda.is_available():  # untested here: no GPU in CI
         if len(rng["cuda"]) == torch.cuda.device_count():
@@ -201,10 +217,14 @@ def checkpoint_state(learn: Any, epochs_done: int | None = None) -> dict[str, An
     return {
         "format": FORMAT,
         "version": VERSION,
-        "torch_version": str(torch.__version__),  # TorchVersion is not a weights_only type
+        "torch_version": str(
+            torch.__version__
+        ),  # TorchVersion is not a weights_only type
         "model": unwrap_model(learn.model).state_dict(),
         "optimizer": learn.opt.state_dict() if learn.opt is not None else None,
-        "callbacks": {k: cb.state_dict() for k, cb in stateful_callbacks(learn.cbs).items()},
+        "callbacks": {
+            k: cb.state_dict() for k, cb in stateful_callbacks(learn.cbs).items()
+        },
         "epochs_done": learn.epochs_done if epochs_done is None else epochs_done,
         "epoch": learn.epoch,
         "iter": learn.iter,
@@ -222,7 +242,9 @@ def save_checkpoint(learn: Any, path: PathLike, epochs_done: int | None = None) 
     """
     from .callbacks.distributed import is_main_process
 
-    if not is_main_process():  # under torchrun every rank holds the same state: rank 0 writes it
+    if (
+        not is_main_process()
+    ):  # under torchrun every rank holds the same state: rank 0 writes it
         return Path(path)
     return atomic_save(checkpoint_state(learn, epochs_done), path)
 
@@ -248,7 +270,11 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use an older checkpoint."
         ) from e
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        what = f"a dict with keys {sorted(map(str, ck))[:8]}" if isinstance(ck, dict) else type(ck).__name__
+        what = (
+            f"a dict with keys {sorted(map(str, ck))[:8]}"
+            if isinstance(ck, dict)
+            else type(ck).__name__
+        )
         raise ValueError(
             f"{path} is not a learnloop checkpoint (it holds {what}). For bare weights use "
             "model.load_state_dict(torch.load(path, weights_only=True)); checkpoints come from learn.save."
@@ -258,9 +284,15 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
             f"{path} is checkpoint format version {ck.get('version')!r}; this learnloop reads "
             f"versions up to {VERSION}: upgrade learnloop."
         )
-    missing = [k for k in ("model", "optimizer", "callbacks", "epochs_done", "rng") if k not in ck]
+    missing = [
+        k
+        for k in ("model", "optimizer", "callbacks", "epochs_done", "rng")
+        if k not in ck
+    ]
     if missing:
-        raise ValueError(f"{path} is an incomplete learnloop checkpoint: it lacks {missing}.")
+        raise ValueError(
+            f"{path} is an incomplete learnloop checkpoint: it lacks {missing}."
+        )
     return ck
 
 
@@ -295,7 +327,9 @@ def _check_model(path: Path, model: nn.Module, saved: dict[str, Any]) -> None:
         )
 
 
-def _check_optimizer(path: Path, opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+def _check_optimizer(
+    path: Path, opt: torch.optim.Optimizer, saved: dict[str, Any]
+) -> None:
     own = [len(g["params"]) for g in opt.param_groups]
     theirs = [len(g["params"]) for g in saved.get("param_groups", [])]
     if own != theirs:
@@ -308,9 +342,13 @@ def _check_optimizer(path: Path, opt: torch.optim.Optimizer, saved: dict[str, An
 def _load_callbacks(path: Path, cbs: dict[str, Any], saved: dict[str, Any]) -> None:
     """Load each callback's state; if one fails, give the ones already loaded their old state back, then raise."""
     for key in saved.keys() - cbs.keys():
-        log.warning("%s has state for callback %s, which is not attached: ignored.", path, key)
+        log.warning(
+            "%s has state for callback %s, which is not attached: ignored.", path, key
+        )
     for key in cbs.keys() - saved.keys():
-        log.info("%s has no state for callback %s: it keeps its current state.", path, key)
+        log.info(
+            "%s has no state for callback %s: it keeps its current state.", path, key
+        )
     done: list[tuple[Any, Any]] = []
     for key, cb in cbs.items():
         if key not in saved:

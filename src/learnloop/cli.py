@@ -24,7 +24,10 @@ def _columns(ds: Any) -> tuple[str, str]:
     """The image column (Image or array feature) and the label column (ClassLabel) of `ds`."""
     from datasets import Array2D, Array3D, ClassLabel, Image
 
-    image = next((k for k, f in ds.features.items() if isinstance(f, (Image, Array2D, Array3D))), None)
+    image = next(
+        (k for k, f in ds.features.items() if isinstance(f, (Image, Array2D, Array3D))),
+        None,
+    )
     label = next((k for k, f in ds.features.items() if isinstance(f, ClassLabel)), None)
     if image is None or label is None:
         raise ValueError(
@@ -49,12 +52,21 @@ class _ToXY:
         self.image, self.label, self.norm = image, label, norm
 
     def __call__(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"x": self.norm({"image": _channels_first(b[self.image])})["image"], "y": b[self.label]}
+        return {
+            "x": self.norm({"image": _channels_first(b[self.image])})["image"],
+            "y": b[self.label],
+        }
 
 
 def train(
-    data: str = "digits", model: str = "cnn", epochs: int = 10, lr: float = 3e-3, bs: int = 64,
-    out: str = "learnloop-run", threads: int | None = 1, seed: int = 0,
+    data: str = "digits",
+    model: str = "cnn",
+    epochs: int = 10,
+    lr: float = 3e-3,
+    bs: int = 64,
+    out: str = "learnloop-run",
+    threads: int | None = 1,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
     from .callbacks.distributed import is_main_process
@@ -83,7 +95,9 @@ def train(
     n_classes = dd["train"].features[label].num_classes
     c, h, w = x_train.shape[1:]
     net = MODELS[model](n_in=c if model == "cnn" else c * h * w, n_out=n_classes)
-    learn = Learner(net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())])
+    learn = Learner(
+        net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())]
+    )
     learn.fit(epochs)
     row = dict(learn.epoch_log)
     if not is_main_process():  # under torchrun, rank 0 reports and writes the files
@@ -99,24 +113,46 @@ def train(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `learnloop` command."""
-    parser = argparse.ArgumentParser(prog="learnloop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="learnloop", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model end to end (offline by default)")
-    t.add_argument("--data", default="digits", help="'digits' (embedded), a local path, or a hub dataset name")
+    t.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (embedded), a local path, or a hub dataset name",
+    )
     t.add_argument("--model", default="cnn", choices=["cnn", "mlp", "linear"])
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--bs", type=int, default=64, help="batch size")
-    t.add_argument("--out", default="learnloop-run", help="folder for loss.png and model.pt")
-    t.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    t.add_argument(
+        "--out", default="learnloop-run", help="folder for loss.png and model.pt"
+    )
+    t.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
+    )
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.bs < 1 or args.lr <= 0:
         parser.error("--epochs and --bs must be at least 1 and --lr positive")
     try:
-        train(args.data, args.model, args.epochs, args.lr, args.bs, args.out, args.threads or None, args.seed)
+        train(
+            args.data,
+            args.model,
+            args.epochs,
+            args.lr,
+            args.bs,
+            args.out,
+            args.threads or None,
+            args.seed,
+        )
     except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"learnloop: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        print(
+            f"learnloop: error: {e.args[0] if isinstance(e, KeyError) else e}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

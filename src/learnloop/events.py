@@ -10,14 +10,14 @@ from __future__ import annotations
 __all__ = [
     "EVENTS",
     "EVENT_CONTEXT",
+    "CancelBackwardException",
+    "CancelBatchException",
+    "CancelEpochException",
     "CancelException",
     "CancelFitException",
-    "CancelEpochException",
+    "CancelStepException",
     "CancelTrainException",
     "CancelValidException",
-    "CancelBatchException",
-    "CancelBackwardException",
-    "CancelStepException",
 ]
 
 

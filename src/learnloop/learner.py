@@ -88,14 +88,18 @@ class Learner:
         default_cbs: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}."
+            )
         if not (hasattr(dls, "train") and hasattr(dls, "valid")):
             raise TypeError(
                 f"dls must have .train and .valid loaders, got {type(dls).__name__}: "
                 "wrap your loaders as DataLoaders(train_dl, valid_dl)."
             )
         if not callable(loss_func):
-            raise TypeError(f"loss_func must be callable, got {type(loss_func).__name__}.")
+            raise TypeError(
+                f"loss_func must be callable, got {type(loss_func).__name__}."
+            )
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         check_not_empty(dls.train, "train")
@@ -113,7 +117,9 @@ class Learner:
         for cb in user_cbs:
             check_callback(cb)
         defaults = _default_callbacks() if default_cbs else []
-        kept = [d for d in defaults if not any(isinstance(cb, type(d)) for cb in user_cbs)]
+        kept = [
+            d for d in defaults if not any(isinstance(cb, type(d)) for cb in user_cbs)
+        ]
         self.add_cbs(*kept, *user_cbs)
 
     # ---------------------------------------------------------------- callbacks
@@ -129,7 +135,9 @@ class Learner:
         """Detach callbacks that were attached with `cbs=` or `add_cbs`."""
         for cb in cbs:
             if not any(cb is c for c in self.cbs):
-                raise ValueError(f"{cb!r} is not attached to this Learner; attached: {self.cbs}.")
+                raise ValueError(
+                    f"{cb!r} is not attached to this Learner; attached: {self.cbs}."
+                )
         self.cbs = [c for c in self.cbs if not any(c is cb for cb in cbs)]
         self._table = dispatch_table(self.cbs)
         return self
@@ -142,12 +150,17 @@ class Learner:
         for cb in self.cbs:
             if isinstance(cb, Recorder):
                 return cb
-        raise AttributeError("No Recorder is attached: pass cbs=[Recorder()] to the Learner.")
+        raise AttributeError(
+            "No Recorder is attached: pass cbs=[Recorder()] to the Learner."
+        )
 
     def show_training_loop(self) -> None:
         """Print, for each event, the callbacks that will run on it, in order."""
         for event in EVENTS:
-            names = [cb.name if hasattr(cb, "name") else type(cb).__name__ for cb, _ in self._table.get(event, [])]
+            names = [
+                cb.name if hasattr(cb, "name") else type(cb).__name__
+                for cb, _ in self._table.get(event, [])
+            ]
             print(f"{event:<24} {', '.join(names) if names else '-'}")
 
     def _fire(self, event: str, **context: Any) -> None:
@@ -160,7 +173,10 @@ class Learner:
             except CancelException:
                 raise
             except Exception as e:
-                add_note(e, f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).")
+                add_note(
+                    e,
+                    f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).",
+                )
                 raise
 
     def _where(self) -> str:
@@ -217,13 +233,20 @@ class Learner:
         try:
             start = 0
             if resume is not None:
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                if (
+                    torch.distributed.is_available()
+                    and torch.distributed.is_initialized()
+                ):
                     torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
                 self.load(resume)
                 start = self.epochs_done
                 if start >= n_epochs:
-                    log.info("Nothing to resume: %s already holds %d epochs and fit asked for %d in all.",
-                             resume, start, n_epochs)
+                    log.info(
+                        "Nothing to resume: %s already holds %d epochs and fit asked for %d in all.",
+                        resume,
+                        start,
+                        n_epochs,
+                    )
                     return
             self._prepare_opt(lr)
             self.n_epochs = n_epochs
@@ -232,13 +255,24 @@ class Learner:
             if extra:
                 self.remove_cbs(*extra)
 
-    def fit_one_cycle(self, n_epochs: int, lr_max: float | Sequence[float] | None = None, **kwargs: Any) -> None:
+    def fit_one_cycle(
+        self,
+        n_epochs: int,
+        lr_max: float | Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Fit with the one-cycle policy (see `learnloop.callbacks.schedule.fit_one_cycle` for `kwargs`)."""
         from .callbacks.schedule import fit_one_cycle
 
         fit_one_cycle(self, n_epochs, lr_max, **kwargs)
 
-    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, **kwargs: Any) -> float:
+    def lr_find(
+        self,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        **kwargs: Any,
+    ) -> float:
         """Sweep the learning rate, restore the learner, return the suggestion (see `callbacks.lr_finder`)."""
         from .callbacks.lr_finder import lr_find
 
@@ -262,7 +296,9 @@ class Learner:
             self._fire("before_fit", n_epochs=n_epochs)
             for epoch in range(start, n_epochs):
                 self.epoch = epoch
-                self._run_level("epoch", lambda: self._one_epoch(train, valid), epoch=epoch)
+                self._run_level(
+                    "epoch", lambda: self._one_epoch(train, valid), epoch=epoch
+                )
                 self.epochs_done = epoch + 1  # also when the epoch was cancelled
         except CancelFitException as e:
             self._fire("after_cancel_fit", exception=e)
@@ -304,7 +340,9 @@ class Learner:
             with torch.set_grad_enabled(training):
                 level = "train" if training else "validate"
                 # self.dl, not dl: a before_train/before_validate hook may swap the loader (DistributedCB does).
-                self._run_level(level, lambda: self._all_batches(self.dl), epoch=self.epoch)
+                self._run_level(
+                    level, lambda: self._all_batches(self.dl), epoch=self.epoch
+                )
         finally:
             self.model.train(was_training or not training)
 
@@ -388,7 +426,9 @@ class Learner:
         return self
 
     # ---------------------------------------------------------------- inference
-    def validate(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> dict[str, Any]:
+    def validate(
+        self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None
+    ) -> dict[str, Any]:
         """Loss and metrics over `dl` (default `dls.valid`), without touching the weights.
 
         Only the validation events fire (before_validate ... after_validate); the result is
@@ -398,7 +438,9 @@ class Learner:
         self._evaluate(dl, list(cbs or []))
         return dict(self.epoch_log)
 
-    def get_preds(self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None) -> tuple[Tensor, Tensor]:
+    def get_preds(
+        self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph."""
         gather = GatherPredsCB()
         self._evaluate(dl, [gather, *(cbs or [])])

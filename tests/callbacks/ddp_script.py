@@ -10,12 +10,19 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import make_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import make_data
-
-from learnloop import Accuracy, Callback, CheckpointCB, CSVLoggerCB, DataLoaders, Learner, MetricsCB
+from learnloop import (
+    Accuracy,
+    Callback,
+    CheckpointCB,
+    CSVLoggerCB,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+)
 from learnloop.callbacks.distributed import rank, world_size
 
 PER_RANK_BS = 8  # 2 processes: a global batch of 16
@@ -41,18 +48,32 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     train, valid = make_data(N_TRAIN), make_data(N_VALID, seed=1)
-    dls = DataLoaders(DataLoader(train, batch_size=PER_RANK_BS), DataLoader(valid, batch_size=PER_RANK_BS))
-    files = [CheckpointCB(out / "ck"), CSVLoggerCB(out / "history.csv")]  # rank 0 writes, alone
+    dls = DataLoaders(
+        DataLoader(train, batch_size=PER_RANK_BS),
+        DataLoader(valid, batch_size=PER_RANK_BS),
+    )
+    files = [
+        CheckpointCB(out / "ck"),
+        CSVLoggerCB(out / "history.csv"),
+    ]  # rank 0 writes, alone
     learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), *files])
     learn.fit(1)
     restored = learn.model is model and learn.dls is dls
-    epoch_log = dict(learn.epoch_log)  # validate/get_preds below overwrite learn.epoch_log
+    epoch_log = dict(
+        learn.epoch_log
+    )  # validate/get_preds below overwrite learn.epoch_log
     preds, targets = learn.get_preds()
-    odd = DataLoader(make_data(7, seed=2), batch_size=2)  # 4/3 rows per rank, not part of the fit
+    odd = DataLoader(
+        make_data(7, seed=2), batch_size=2
+    )  # 4/3 rows per rank, not part of the fit
     odd_preds, _ = learn.get_preds(odd)
-    shuffled_odd_preds, _ = learn.get_preds(DataLoader(odd.dataset, batch_size=2, shuffle=True))
+    shuffled_odd_preds, _ = learn.get_preds(
+        DataLoader(odd.dataset, batch_size=2, shuffle=True)
+    )
 
-    index = TensorDataset(torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long))
+    index = TensorDataset(
+        torch.arange(40.0)[:, None], torch.zeros(40, dtype=torch.long)
+    )
     seen = SeenIndices()
     index_dls = DataLoaders(DataLoader(index, batch_size=4, shuffle=True))
     shuffled = Learner(nn.Linear(1, 2), index_dls, cbs=[seen])
@@ -62,11 +83,18 @@ def main(out: Path) -> None:
     resumed.fit(2, resume=out / "ck")  # every rank loads rank 0's checkpoint
 
     result = {
-        "resumed_epochs_done": resumed.epochs_done, "resumed_state": resumed.model.state_dict(),
-        "world_size": world_size(), "state": model.state_dict(), "epoch_log": epoch_log,
-        "validate": learn.validate(), "preds": preds, "targets": targets, "odd_preds": odd_preds,
+        "resumed_epochs_done": resumed.epochs_done,
+        "resumed_state": resumed.model.state_dict(),
+        "world_size": world_size(),
+        "state": model.state_dict(),
+        "epoch_log": epoch_log,
+        "validate": learn.validate(),
+        "preds": preds,
+        "targets": targets,
+        "odd_preds": odd_preds,
         "shuffled_odd_preds": shuffled_odd_preds,
-        "restored": restored, "seen": seen.epochs,
+        "restored": restored,
+        "seen": seen.epochs,
     }
     torch.save(result, out / f"rank{rank()}.pt")
 

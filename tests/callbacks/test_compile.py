@@ -34,7 +34,9 @@ class TestCompileCB:
         backend = CountingBackend()
         model = mlp()
         keys = list(model.state_dict())
-        learn = Learner(model, make_dls(), cbs=[CompileCB(backend=backend)], default_cbs=False)
+        learn = Learner(
+            model, make_dls(), cbs=[CompileCB(backend=backend)], default_cbs=False
+        )
         learn.fit(1)
         assert backend.graphs >= 1
         assert learn.model is model and list(model.state_dict()) == keys
@@ -43,15 +45,28 @@ class TestCompileCB:
         """Predictions of the compiled model equal those of an eager copy with the same weights."""
         model = mlp()
         eager = copy.deepcopy(model)
-        learn = Learner(model, make_dls(), cbs=[CompileCB(backend=CountingBackend())], default_cbs=False)
+        learn = Learner(
+            model,
+            make_dls(),
+            cbs=[CompileCB(backend=CountingBackend())],
+            default_cbs=False,
+        )
         preds, _ = learn.get_preds()
         x = torch.cat([xb for xb, _ in make_dls().valid])
         torch.testing.assert_close(preds, eager(x).detach(), rtol=0, atol=0)
 
     def test_bad_backend_is_a_clear_error(self):
         """A backend that cannot compile fails at fit start, naming the backend and what to do."""
-        learn = Learner(mlp(), make_dls(), cbs=[CompileCB(backend="no_such_backend")], default_cbs=False)
-        with pytest.raises(RuntimeError, match=r"backend='no_such_backend'\) does not work on cpu.*\n- help"):
+        learn = Learner(
+            mlp(),
+            make_dls(),
+            cbs=[CompileCB(backend="no_such_backend")],
+            default_cbs=False,
+        )
+        with pytest.raises(
+            RuntimeError,
+            match=r"backend='no_such_backend'\) does not work on cpu.*\n- help",
+        ):
             learn.fit(1)
 
     @pytest.mark.slow
@@ -62,9 +77,13 @@ class TestCompileCB:
         _probe.cache_clear()
         torch._dynamo.reset()
         try:
-            with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
-                with pytest.raises(RuntimeError, match="install gcc or clang"):
-                    check_compile("cpu")
+            with (
+                inductor_config.patch(
+                    {"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}
+                ),
+                pytest.raises(RuntimeError, match="install gcc or clang"),
+            ):
+                check_compile("cpu")
         finally:
             _probe.cache_clear()
             torch._dynamo.reset()
@@ -76,4 +95,6 @@ class TestCompileCB:
         learn = Learner(model, make_dls(), lr=0.1, cbs=[CompileCB()], default_cbs=False)
         learn.fit(1)
         x = torch.randn(32, 4)
-        torch.testing.assert_close(model(x), model.forward(x))  # forward() bypasses the compiled call
+        torch.testing.assert_close(
+            model(x), model.forward(x)
+        )  # forward() bypasses the compiled call

@@ -16,26 +16,44 @@ def learner(*cbs):
 class TestTypos:
     @pytest.mark.parametrize(
         "name,suggestion",
-        [("before_epoc", "before_epoch"), ("afterbatch", "after_batch"), ("After_Fit", "after_fit"),
-         ("before_bacward", "before_backward"), ("after_cancel_btach", "after_cancel_batch")],
+        [
+            ("before_epoc", "before_epoch"),
+            ("afterbatch", "after_batch"),
+            ("After_Fit", "after_fit"),
+            ("before_bacward", "before_backward"),
+            ("after_cancel_btach", "after_cancel_batch"),
+        ],
     )
     def test_misspelled_hook(self, name, suggestion):
         """A method named like an event but misspelled is refused with the nearest event."""
         cb = type("Typo", (Callback,), {name: lambda self, learn, **kw: None})()
-        with pytest.raises(ValueError, match=f"Typo.{name} looks like an event.*did you mean {suggestion}\\?"):
+        with pytest.raises(
+            ValueError,
+            match=f"Typo.{name} looks like an event.*did you mean {suggestion}\\?",
+        ):
             learner(cb)
 
     def test_ordinary_methods_allowed(self):
         """Helper methods that look like no event are fine."""
-        cb = type("Fine", (Callback,), {"plot_stats": lambda self: None, "reset": lambda self: None})()
+        cb = type(
+            "Fine",
+            (Callback,),
+            {"plot_stats": lambda self: None, "reset": lambda self: None},
+        )()
         learner(cb)
 
     @pytest.mark.parametrize("attach", ["init", "add_cbs", "fit"])
     def test_checked_everywhere(self, attach):
         """The same check runs at construction, in add_cbs and in fit(cbs=...), before any batch."""
         ran = []
-        cb = type("Typo", (Callback,), {"before_epoc": lambda self, learn, **kw: None,
-                                        "before_batch": lambda self, learn, **kw: ran.append(1)})()
+        cb = type(
+            "Typo",
+            (Callback,),
+            {
+                "before_epoc": lambda self, learn, **kw: None,
+                "before_batch": lambda self, learn, **kw: ran.append(1),
+            },
+        )()
         with pytest.raises(ValueError, match="did you mean before_epoch"):
             if attach == "init":
                 learner(cb)
@@ -49,19 +67,29 @@ class TestTypos:
 class TestSignatures:
     @pytest.mark.parametrize(
         "hook",
-        [lambda self: None, lambda self, learn: None, lambda self, learn, epoch, extra: None],
+        [
+            lambda self: None,
+            lambda self, learn: None,
+            lambda self, learn, epoch, extra: None,
+        ],
         ids=["no-learn", "no-context", "extra-required"],
     )
     def test_bad_signature(self, hook):
         """A hook that cannot be called as hook(learn, **context) is refused with the fix."""
         cb = type("Bad", (Callback,), {"after_epoch": hook})()
-        with pytest.raises(TypeError, match=r"Bad.after_epoch.*def after_epoch\(self, learn, \*args, \*\*kwargs\)"):
+        with pytest.raises(
+            TypeError,
+            match=r"Bad.after_epoch.*def after_epoch\(self, learn, \*args, \*\*kwargs\)",
+        ):
             learner(cb)
 
     @pytest.mark.parametrize(
         "hook",
-        [lambda self, learn, *args, **kwargs: None, lambda self, learn, epoch: None,
-         lambda self, learn, epoch=None, **kw: None],
+        [
+            lambda self, learn, *args, **kwargs: None,
+            lambda self, learn, epoch: None,
+            lambda self, learn, epoch=None, **kw: None,
+        ],
         ids=["swallow", "exact", "defaults"],
     )
     def test_good_signature(self, hook):
@@ -76,7 +104,10 @@ class TestInstances:
         class MyCB(Callback):
             pass
 
-        with pytest.raises(TypeError, match=r"Got the class MyCB, not an instance: pass MyCB\(\) instead"):
+        with pytest.raises(
+            TypeError,
+            match=r"Got the class MyCB, not an instance: pass MyCB\(\) instead",
+        ):
             learner(MyCB)
 
     def test_not_a_callback(self):

@@ -32,7 +32,9 @@ class TestSingleBatchCB:
         """One training batch runs with every after_batch hook, then the fit stops before validation."""
         model, rec = nn.Linear(4, 3), Record()
         before = model.weight.detach().clone()
-        Learner(model, make_dls(), default_cbs=False, cbs=[rec]).fit(3, cbs=[SingleBatchCB()])
+        Learner(model, make_dls(), default_cbs=False, cbs=[rec]).fit(
+            3, cbs=[SingleBatchCB()]
+        )
         assert rec.events == [("batch", True, 6), "after_fit"]
         assert not model.weight.detach().equal(before)  # the step was taken
 
@@ -42,18 +44,30 @@ class TestLimitBatchesCB:
         """train=2, valid=1 runs 2 training and 1 validation batch per epoch, and n_iter says so."""
         rec, metrics = Record(), MetricsCB()
         learn = Learner(
-            nn.Linear(4, 3), make_dls(), default_cbs=False, cbs=[metrics, rec, LimitBatchesCB(2, 1)]
+            nn.Linear(4, 3),
+            make_dls(),
+            default_cbs=False,
+            cbs=[metrics, rec, LimitBatchesCB(2, 1)],
         )
         learn.fit(2)
         batches = [e for e in rec.events if isinstance(e, tuple)]
-        assert batches == [("batch", True, 2), ("batch", True, 2), ("batch", False, 1)] * 2
+        assert (
+            batches == [("batch", True, 2), ("batch", True, 2), ("batch", False, 1)] * 2
+        )
         assert all(row["valid_loss"] > 0 for row in metrics.history)
 
     def test_none_means_no_limit(self):
         """LimitBatchesCB(valid=1) leaves the training phase whole."""
         rec = Record()
-        Learner(nn.Linear(4, 3), make_dls(), default_cbs=False, cbs=[rec, LimitBatchesCB(valid=1)]).fit(1)
-        assert [e[1] for e in rec.events if isinstance(e, tuple)] == [True] * 6 + [False]
+        Learner(
+            nn.Linear(4, 3),
+            make_dls(),
+            default_cbs=False,
+            cbs=[rec, LimitBatchesCB(valid=1)],
+        ).fit(1)
+        assert [e[1] for e in rec.events if isinstance(e, tuple)] == [True] * 6 + [
+            False
+        ]
 
     @pytest.mark.parametrize("kwargs", [{"train": 0}, {"valid": 1.5}])
     def test_bad_limits(self, kwargs):

@@ -15,11 +15,21 @@ Pair = namedtuple("Pair", "a b")
 
 def test_to_device_nested():
     """Tensors inside tuples, lists, dicts and namedtuples move; other values pass through."""
-    batch = {"x": (torch.ones(2), [torch.zeros(3), "label"]), "n": 3, "p": Pair(torch.ones(1), None)}
+    batch = {
+        "x": (torch.ones(2), [torch.zeros(3), "label"]),
+        "n": 3,
+        "p": Pair(torch.ones(1), None),
+    }
     moved = to_device(batch, "meta")
-    assert moved["x"][0].device.type == "meta" and moved["x"][1][0].device.type == "meta"
+    assert (
+        moved["x"][0].device.type == "meta" and moved["x"][1][0].device.type == "meta"
+    )
     assert moved["x"][1][1] == "label" and moved["n"] == 3
-    assert isinstance(moved["p"], Pair) and moved["p"].a.device.type == "meta" and moved["p"].b is None
+    assert (
+        isinstance(moved["p"], Pair)
+        and moved["p"].a.device.type == "meta"
+        and moved["p"].b is None
+    )
     assert isinstance(moved["x"], tuple) and isinstance(moved["x"][1], list)
 
 
@@ -52,15 +62,23 @@ def test_device_cb_moves_model_and_batches():
 
     class Spy(Callback):
         def after_pred(self, learn, *args, **kwargs):
-            seen.append((learn.xb.device.type, next(learn.model.parameters()).device.type))
+            seen.append(
+                (learn.xb.device.type, next(learn.model.parameters()).device.type)
+            )
 
-    learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[DeviceCB("cpu"), Spy()], default_cbs=False)
+    learn = Learner(
+        nn.Linear(4, 3), make_dls(), cbs=[DeviceCB("cpu"), Spy()], default_cbs=False
+    )
     learn.fit(1)
     assert seen and all(s == ("cpu", "cpu") for s in seen)
-    cb = DeviceCB("meta")  # no kernels to train on 'meta': call the hooks directly to see the moves
+    cb = DeviceCB(
+        "meta"
+    )  # no kernels to train on 'meta': call the hooks directly to see the moves
     learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[cb], default_cbs=False)
     cb.before_fit(learn)
     assert next(learn.model.parameters()).device.type == "meta"
     learn.batch = (torch.ones(2, 4), [torch.ones(2)])
     cb.before_batch(learn)
-    assert learn.batch[0].device.type == "meta" and learn.batch[1][0].device.type == "meta"
+    assert (
+        learn.batch[0].device.type == "meta" and learn.batch[1][0].device.type == "meta"
+    )

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, WeightedRandomSampler
-
 from helpers import make_data
+from torch import nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    WeightedRandomSampler,
+)
 
 from learnloop import (
     Accuracy,
@@ -30,7 +34,12 @@ from learnloop import (
     MetricsCB,
     ProgressCB,
 )
-from learnloop.callbacks.distributed import is_main_process, rank, shard_loader, world_size
+from learnloop.callbacks.distributed import (
+    is_main_process,
+    rank,
+    shard_loader,
+    world_size,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 TESTS = Path(__file__).resolve().parents[1]
@@ -38,13 +47,29 @@ TESTS = Path(__file__).resolve().parents[1]
 
 def torchrun(args: list[str], cwd: Path) -> dict[int, str]:
     """Run `args` under `torchrun --standalone --nproc_per_node=2` (free port); return each rank's stdout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
+        "OMP_NUM_THREADS": "1",
+    }
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     logs = cwd / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--log-dir", str(logs), "--redirects", "3", *args]
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        *args,
+    ]
+    done = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
     errors = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
     assert done.returncode == 0, f"{done.stderr[-3000:]}\n{errors}"
     return {int(p.parent.name): p.read_text() for p in logs.rglob("stdout.log")}
@@ -55,7 +80,11 @@ def ddp_run(tmp_path_factory) -> dict:
     """tests/callbacks/ddp_script.py run on 2 processes: what each rank saved, and what each printed."""
     tmp = tmp_path_factory.mktemp("ddp")
     stdout = torchrun([str(Path(__file__).with_name("ddp_script.py")), str(tmp)], tmp)
-    return {"stdout": stdout, "out": tmp, **{r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in (0, 1)}}
+    return {
+        "stdout": stdout,
+        "out": tmp,
+        **{r: torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in (0, 1)},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +94,19 @@ def single_run() -> dict:
     model = nn.Linear(4, 3)
     valid = DataLoader(make_data(45, seed=1), batch_size=16)
     dls = DataLoaders(DataLoader(make_data(96), batch_size=16), valid)
-    learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), ProgressCB(file=io.StringIO())])
+    learn = Learner(
+        model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), ProgressCB(file=io.StringIO())]
+    )
     learn.fit(1)
     log = dict(learn.epoch_log)
     preds, targets = learn.get_preds()
-    return {"state": model.state_dict(), "epoch_log": log, "preds": preds, "targets": targets,
-            "odd_preds": learn.get_preds(DataLoader(make_data(7, seed=2), batch_size=2))[0]}
+    return {
+        "state": model.state_dict(),
+        "epoch_log": log,
+        "preds": preds,
+        "targets": targets,
+        "odd_preds": learn.get_preds(DataLoader(make_data(7, seed=2), batch_size=2))[0],
+    }
 
 
 class TestUnderTorchrun:
@@ -86,9 +122,13 @@ class TestUnderTorchrun:
         for r in (0, 1):
             log = ddp_run[r]["epoch_log"]
             for key in ("train_loss", "valid_loss", "accuracy"):
-                assert log[key] == pytest.approx(single_run["epoch_log"][key], rel=1e-5), key
+                assert log[key] == pytest.approx(
+                    single_run["epoch_log"][key], rel=1e-5
+                ), key
             valid_loss = single_run["epoch_log"]["valid_loss"]
-            assert ddp_run[r]["validate"]["valid_loss"] == pytest.approx(valid_loss, rel=1e-5)
+            assert ddp_run[r]["validate"]["valid_loss"] == pytest.approx(
+                valid_loss, rel=1e-5
+            )
 
     def test_get_preds_in_dataset_order(self, ddp_run, single_run):
         """get_preds returns every prediction in dataset order: the fit's loader, a new one, a shuffled one."""
@@ -96,7 +136,9 @@ class TestUnderTorchrun:
             torch.testing.assert_close(ddp_run[r]["preds"], single_run["preds"])
             assert torch.equal(ddp_run[r]["targets"], single_run["targets"])
             torch.testing.assert_close(ddp_run[r]["odd_preds"], single_run["odd_preds"])
-            torch.testing.assert_close(ddp_run[r]["shuffled_odd_preds"], single_run["odd_preds"])
+            torch.testing.assert_close(
+                ddp_run[r]["shuffled_odd_preds"], single_run["odd_preds"]
+            )
 
     def test_model_and_loaders_restored(self, ddp_run):
         """After fit, learn.model is the user's module again and learn.dls the user's loaders."""
@@ -117,9 +159,13 @@ class TestUnderTorchrun:
     def test_checkpoint_and_log_written_once_loaded_everywhere(self, ddp_run):
         """Rank 0 alone writes the CSV log and checkpoint; every rank resumes from it to the same weights."""
         lines = (ddp_run["out"] / "history.csv").read_text().splitlines()
-        assert len(lines) == 2 and lines[0].startswith("epoch,")  # a header and one epoch, written once
+        assert len(lines) == 2 and lines[0].startswith(
+            "epoch,"
+        )  # a header and one epoch, written once
         assert (ddp_run["out"] / "ck" / "last.pt").is_file()
-        assert ddp_run[0]["resumed_epochs_done"] == ddp_run[1]["resumed_epochs_done"] == 2
+        assert (
+            ddp_run[0]["resumed_epochs_done"] == ddp_run[1]["resumed_epochs_done"] == 2
+        )
         for k, v in ddp_run[0]["resumed_state"].items():
             assert torch.equal(v, ddp_run[1]["resumed_state"][k])
 
@@ -128,8 +174,13 @@ class TestUnderTorchrun:
         for r in (0, 1):
             (tmp_path / f"r{r}").mkdir()
         python = f"{sys.executable} -m learnloop.cli train --epochs 1 --model linear --out run"
-        stdout = torchrun(["--no-python", "sh", "-c", f"cd r$LOCAL_RANK && exec {python}"], tmp_path)
-        assert sorted(p.name for p in (tmp_path / "r0" / "run").iterdir()) == ["loss.png", "model.pt"]
+        stdout = torchrun(
+            ["--no-python", "sh", "-c", f"cd r$LOCAL_RANK && exec {python}"], tmp_path
+        )
+        assert sorted(p.name for p in (tmp_path / "r0" / "run").iterdir()) == [
+            "loss.png",
+            "model.pt",
+        ]
         assert list((tmp_path / "r1").iterdir()) == []
         assert "final validation accuracy" in stdout[0] and stdout[1] == ""
 
@@ -166,7 +217,11 @@ class TestDistributedCB:
     def test_no_files_off_rank0(self, monkeypatch, tmp_path, model, dls):
         """On a rank other than 0, CheckpointCB, CSVLoggerCB and learn.save write no file."""
         monkeypatch.setenv("RANK", "1")
-        cbs = [CheckpointCB(tmp_path / "ck"), CSVLoggerCB(tmp_path / "history.csv"), ProgressCB(bar=False)]
+        cbs = [
+            CheckpointCB(tmp_path / "ck"),
+            CSVLoggerCB(tmp_path / "history.csv"),
+            ProgressCB(bar=False),
+        ]
         learn = Learner(model, dls, cbs=cbs)
         learn.fit(2)
         learn.save(tmp_path / "model.pt")
@@ -183,7 +238,13 @@ class TestShardLoader:
     def test_keeps_settings(self):
         """The shard keeps batch size, drop_last, collate_fn, workers and the shuffle setting."""
         collate = torch.utils.data.default_collate
-        dl = DataLoader(make_data(10), batch_size=3, shuffle=True, drop_last=True, collate_fn=collate)
+        dl = DataLoader(
+            make_data(10),
+            batch_size=3,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate,
+        )
         shard = shard_loader(dl, training=True, num_replicas=2, rank=1)
         kept = (shard.batch_size, shard.drop_last, shard.collate_fn, shard.num_workers)
         assert kept == (3, True, collate, 0)
@@ -193,7 +254,10 @@ class TestShardLoader:
     def test_padding_only_for_training(self, training, sizes):
         """Training shards are padded to equal length; evaluation shards cover each row exactly once."""
         dl = DataLoader(make_data(7), batch_size=2)
-        shards = [list(shard_loader(dl, training, num_replicas=2, rank=r).sampler) for r in (0, 1)]
+        shards = [
+            list(shard_loader(dl, training, num_replicas=2, rank=r).sampler)
+            for r in (0, 1)
+        ]
         assert [len(s) for s in shards] == sizes
         if not training:
             assert sorted(shards[0] + shards[1]) == list(range(7))
@@ -201,16 +265,25 @@ class TestShardLoader:
     def test_whole_batch_sampler(self):
         """A loader fed whole batches (a BatchSampler as its sampler) is sharded batch-wise."""
         ds = make_data(12)
-        dl = DataLoader(ds, batch_size=None, sampler=BatchSampler(RandomSampler(ds), 4, drop_last=False))
+        dl = DataLoader(
+            ds,
+            batch_size=None,
+            sampler=BatchSampler(RandomSampler(ds), 4, drop_last=False),
+        )
         shard = shard_loader(dl, training=False, num_replicas=2, rank=0)
         assert shard.batch_size is None and [len(b) for b in shard.sampler] == [4, 2]
 
-    @pytest.mark.parametrize("dl, culprit", [
-        (DataLoader(make_data(8), sampler=WeightedRandomSampler([1.0] * 8, 8)), "WeightedRandomSampler"),
-        ([(torch.zeros(1), torch.zeros(1))], "list"),
-    ])
+    @pytest.mark.parametrize(
+        "dl, culprit",
+        [
+            (
+                DataLoader(make_data(8), sampler=WeightedRandomSampler([1.0] * 8, 8)),
+                "WeightedRandomSampler",
+            ),
+            ([(torch.zeros(1), torch.zeros(1))], "list"),
+        ],
+    )
     def test_unshardable(self, dl, culprit):
         """A loader it cannot shard is named, with the fix (give it a DistributedSampler)."""
         with pytest.raises(TypeError, match=f"{culprit}.*DistributedSampler yourself"):
             shard_loader(dl, training=True, num_replicas=2, rank=0)
-

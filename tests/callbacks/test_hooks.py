@@ -12,7 +12,9 @@ from learnloop import ActivationStatsCB, Callback, Hook, Hooks, Learner, SingleB
 
 
 def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
 
 
 def hooked(model: nn.Module) -> int:
@@ -42,7 +44,10 @@ class TestHooks:
         """Hooks hooks every module given, and an exception in the block removes them all."""
         model, seen = mlp(), []
         relus = [m for m in model if isinstance(m, nn.ReLU)]
-        with pytest.raises(ValueError, match="bad"), Hooks(relus, lambda h, m, i, o: seen.append(m)) as hooks:
+        with (
+            pytest.raises(ValueError, match="bad"),
+            Hooks(relus, lambda h, m, i, o: seen.append(m)) as hooks,
+        ):
             assert len(hooks) == 2 and hooks[0].module is relus[0]
             model(torch.zeros(1, 4))
             raise ValueError("bad")
@@ -64,7 +69,9 @@ class TestActivationStatsCB:
         model, stats = mlp(), ActivationStatsCB(nn.ReLU)
         Learner(model, make_dls(), lr=0.1, default_cbs=False, cbs=[stats]).fit(2)
         assert stats.names == ["1 ReLU", "3 ReLU"]
-        assert stats.means.shape == stats.stds.shape == (2, 12)  # 6 train batches x 2 epochs
+        assert (
+            stats.means.shape == stats.stds.shape == (2, 12)
+        )  # 6 train batches x 2 epochs
         assert stats.hists.shape == (2, 12, 40)
         assert (stats.means >= 0).all()  # ReLU outputs
         assert ((stats.dead > 0) & (stats.dead <= 1)).all()
@@ -77,7 +84,9 @@ class TestActivationStatsCB:
         x = next(iter(make_dls().train))[0]
         with torch.no_grad():
             acts = model[1](model[0](x))
-        Learner(model, make_dls(), default_cbs=False, cbs=[stats]).fit(1, cbs=[SingleBatchCB()])
+        Learner(model, make_dls(), default_cbs=False, cbs=[stats]).fit(
+            1, cbs=[SingleBatchCB()]
+        )
         assert stats.means.shape == (1, 1)
         assert torch.allclose(stats.means[0, 0], acts.mean())
         assert torch.allclose(stats.stds[0, 0], acts.std())
@@ -86,7 +95,12 @@ class TestActivationStatsCB:
     def test_hooks_removed_after_an_exception(self):
         """A fit that fails mid-epoch leaves no hooks on the model."""
         model = mlp()
-        learn = Learner(model, make_dls(), default_cbs=False, cbs=[ActivationStatsCB(nn.ReLU), FailAt()])
+        learn = Learner(
+            model,
+            make_dls(),
+            default_cbs=False,
+            cbs=[ActivationStatsCB(nn.ReLU), FailAt()],
+        )
         with pytest.raises(RuntimeError, match="data went bad"):
             learn.fit(3)
         assert hooked(model) == 0
@@ -104,9 +118,12 @@ class TestActivationStatsCB:
 
     def test_filter_matching_nothing_is_an_error(self):
         """A mod_filter that picks no module names the module kinds the model has."""
-        learn = Learner(mlp(), make_dls(), default_cbs=False, cbs=[ActivationStatsCB(nn.Conv2d)])
+        learn = Learner(
+            mlp(), make_dls(), default_cbs=False, cbs=[ActivationStatsCB(nn.Conv2d)]
+        )
         with pytest.raises(
-            ValueError, match=r"picked none of the model's modules \(\['Linear', 'ReLU', 'Sequential'\]\)"
+            ValueError,
+            match=r"picked none of the model's modules \(\['Linear', 'ReLU', 'Sequential'\]\)",
         ):
             learn.fit(1)
 

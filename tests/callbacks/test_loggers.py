@@ -9,11 +9,20 @@ import pytest
 from helpers import make_dls
 from torch import nn
 
-from learnloop import Callback, CheckpointCB, CSVLoggerCB, Learner, MetricsCB, TensorBoardCB
+from learnloop import (
+    Callback,
+    CheckpointCB,
+    CSVLoggerCB,
+    Learner,
+    MetricsCB,
+    TensorBoardCB,
+)
 
 
 def learner(*cbs) -> Learner:
-    return Learner(nn.Linear(4, 3), make_dls(), lr=0.1, default_cbs=False, cbs=[MetricsCB(), *cbs])
+    return Learner(
+        nn.Linear(4, 3), make_dls(), lr=0.1, default_cbs=False, cbs=[MetricsCB(), *cbs]
+    )
 
 
 def read_rows(path):
@@ -69,7 +78,9 @@ class TestCSVLoggerCB:
         path = tmp_path / "h.csv"
         learner(CSVLoggerCB(path), CheckpointCB(tmp_path / "ck")).fit(2)
         with open(path, "a") as f:
-            f.write("2,9.0,9.0,1.0\n")  # epoch 2 was logged, then the process died before its checkpoint
+            f.write(
+                "2,9.0,9.0,1.0\n"
+            )  # epoch 2 was logged, then the process died before its checkpoint
         learner(CSVLoggerCB(path)).fit(3, resume=tmp_path / "ck")
         rows = read_rows(path)
         assert [r["epoch"] for r in rows] == ["0", "1", "2"]
@@ -86,7 +97,9 @@ class TestTensorBoardCB:
     def test_writes_event_files(self, tmp_path):
         """With tensorboard installed, a fit writes an event file to log_dir."""
         pytest.importorskip("tensorboard")
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         learner(TensorBoardCB(tmp_path, batch_loss=True)).fit(2)
         events = EventAccumulator(str(tmp_path))

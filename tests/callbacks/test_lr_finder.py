@@ -25,13 +25,17 @@ from learnloop import (
 
 def small_model() -> nn.Module:
     """A model with parameters and buffers (BatchNorm running stats)."""
-    return nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)
+    )
 
 
 def assert_same(a, b, path="state"):
     """Recursively compare nested dicts/lists of tensors and numbers, bit for bit."""
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+        assert (
+            isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        ), path
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
@@ -46,7 +50,9 @@ def assert_same(a, b, path="state"):
 
 def trained_learner(**kw) -> Learner:
     """A learner after one epoch of AdamW, so the optimizer has state."""
-    learn = Learner(small_model(), make_dls(n=320), lr=1e-2, opt_func=torch.optim.AdamW, **kw)
+    learn = Learner(
+        small_model(), make_dls(n=320), lr=1e-2, opt_func=torch.optim.AdamW, **kw
+    )
     learn.fit(1)
     return learn
 
@@ -109,7 +115,9 @@ class TestRestore:
         log, epoch = dict(learn.epoch_log), learn.epoch
         learn.lr_find(num_it=30)
         assert learn.recorder.losses == losses
-        assert [cb for cb in learn.cbs if isinstance(cb, MetricsCB)][0].history == history
+        assert (
+            next(cb for cb in learn.cbs if isinstance(cb, MetricsCB)).history == history
+        )
         assert learn.epoch_log == log and learn.epoch == epoch
 
     def test_random_state_is_restored(self):
@@ -146,7 +154,11 @@ class TestRestore:
 
     def test_tracking_callbacks_sit_out(self, tmp_path):
         """Checkpoints, early stopping and logs see nothing of the sweep; epochs_done is unchanged."""
-        cbs = [CheckpointCB(tmp_path / "ck"), EarlyStoppingCB(patience=1), CSVLoggerCB(tmp_path / "log.csv")]
+        cbs = [
+            CheckpointCB(tmp_path / "ck"),
+            EarlyStoppingCB(patience=1),
+            CSVLoggerCB(tmp_path / "log.csv"),
+        ]
         learn = Learner(small_model(), make_dls(n=320), cbs=cbs)
         learn.lr_find(num_it=30)
         assert not (tmp_path / "ck").exists() and not (tmp_path / "log.csv").exists()
@@ -169,7 +181,9 @@ class TestSuggestion:
         assert 1e-7 <= lr <= max(lr.lrs)
         assert 1e-5 < lr < 1.0  # AdamW on this task trains well in this range
 
-    @pytest.mark.parametrize(("method", "expected"), [("valley", 1e-3), ("steep", 1e-2), ("minimum", 1.0)])
+    @pytest.mark.parametrize(
+        ("method", "expected"), [("valley", 1e-3), ("steep", 1e-2), ("minimum", 1.0)]
+    )
     def test_methods_on_a_known_curve(self, method, expected):
         """Each method reads the right point of a synthetic curve (flat, falling, bottom, rising)."""
         cb = LRFinderCB(1e-8, 1e3, num_it=12)
@@ -186,7 +200,11 @@ class TestSuggestion:
     def test_too_few_points(self):
         """A sweep that diverges at once raises with what to change."""
         cb = LRFinderCB()
-        cb.lrs, cb.losses, cb.smoothed = [1e-7, 1e-6], [1.0, float("nan")], [1.0, float("nan")]
+        cb.lrs, cb.losses, cb.smoothed = (
+            [1e-7, 1e-6],
+            [1.0, float("nan")],
+            [1.0, float("nan")],
+        )
         with pytest.raises(RuntimeError, match="lower start_lr"):
             cb.result()
 
@@ -219,6 +237,6 @@ class TestPlot:
         assert isinstance(fig, Figure)
         ax = fig.axes[0]
         assert ax.get_xscale() == "log"
-        marker = [line for line in ax.lines if line.get_marker() == "o"][0]
+        marker = next(line for line in ax.lines if line.get_marker() == "o")
         assert list(marker.get_xdata()) == [float(lr)]
         assert "valley" in ax.get_legend().get_texts()[-1].get_text()

@@ -14,7 +14,10 @@ from learnloop import Accuracy, DataLoaders, Learner, MetricsCB
 
 def uneven_dls():
     """Batches of 16, 16 and 8 rows, so a mean of batch means would be wrong."""
-    return DataLoaders(DataLoader(make_data(40), batch_size=16), DataLoader(make_data(40, seed=1), batch_size=16))
+    return DataLoaders(
+        DataLoader(make_data(40), batch_size=16),
+        DataLoader(make_data(40, seed=1), batch_size=16),
+    )
 
 
 class TestRows:
@@ -23,7 +26,9 @@ class TestRows:
         cb = MetricsCB(Accuracy())
         learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
         learn.fit(2)
-        assert [list(r) for r in cb.history] == [["epoch", "train_loss", "valid_loss", "accuracy", "time"]] * 2
+        assert [list(r) for r in cb.history] == [
+            ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+        ] * 2
         assert [r["epoch"] for r in cb.history] == [0, 1]
         assert learn.epoch_log == cb.history[-1]
 
@@ -35,8 +40,12 @@ class TestRows:
         x, y = make_data(40, seed=1).tensors
         with torch.no_grad():
             out = learn.model(x)
-        assert cb.history[0]["valid_loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
-        assert cb.history[0]["acc"] == pytest.approx((out.argmax(1) == y).float().mean().item())
+        assert cb.history[0]["valid_loss"] == pytest.approx(
+            F.cross_entropy(out, y).item(), rel=1e-6
+        )
+        assert cb.history[0]["acc"] == pytest.approx(
+            (out.argmax(1) == y).float().mean().item()
+        )
 
     def test_train_loss_weighted(self):
         """The training loss averages each batch's loss, as it was computed, weighted by its size."""
@@ -88,12 +97,16 @@ class TestProtocol:
         """Accuracy's all_reduce replaces its counts by their sums; the ratio is computed from the sums."""
         acc = Accuracy()
         acc.update(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))
-        acc.all_reduce(lambda t: t + torch.tensor(2))  # as if a second process counted 2 of 2 correct
+        acc.all_reduce(
+            lambda t: t + torch.tensor(2)
+        )  # as if a second process counted 2 of 2 correct
         assert (int(acc.correct), acc.total) == (3, 4) and acc.compute() == 0.75
 
     def test_accuracy_shape_mismatch(self):
         """Accuracy names both shapes when predictions and targets disagree."""
-        with pytest.raises(ValueError, match=r"preds shape \(4, 3\), targets shape \(5,\)"):
+        with pytest.raises(
+            ValueError, match=r"preds shape \(4, 3\), targets shape \(5,\)"
+        ):
             Accuracy().update(torch.zeros(4, 3), torch.zeros(5))
 
 
@@ -108,8 +121,13 @@ def test_no_host_sync_per_batch(monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    dls = DataLoaders(DataLoader(make_data(400), batch_size=4), DataLoader(make_data(400, seed=1), batch_size=4))
+    dls = DataLoaders(
+        DataLoader(make_data(400), batch_size=4),
+        DataLoader(make_data(400, seed=1), batch_size=4),
+    )
     from learnloop import ProgressCB
 
-    Learner(nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(bar=False)]).fit(1)
+    Learner(
+        nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(bar=False)]
+    ).fit(1)
     assert len(calls) <= 5  # 200 batches: a per-batch sync would show as hundreds

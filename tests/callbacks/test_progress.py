@@ -18,8 +18,13 @@ class FakeTTY(io.StringIO):
 
 
 def fit(out, epochs=2, n=64, bs=16, **kw):
-    dls = DataLoaders(DataLoader(make_data(n), batch_size=bs), DataLoader(make_data(32, seed=1), batch_size=bs))
-    learn = Learner(nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out, **kw)])
+    dls = DataLoaders(
+        DataLoader(make_data(n), batch_size=bs),
+        DataLoader(make_data(32, seed=1), batch_size=bs),
+    )
+    learn = Learner(
+        nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out, **kw)]
+    )
     learn.fit(epochs)
     return learn
 
@@ -41,8 +46,14 @@ def test_table_columns_aligned():
     out = io.StringIO()
     fit(out, epochs=3)
     lines = out.getvalue().splitlines()
-    ends = [[i for i, c in enumerate(line) if c != " " and (i + 1 == len(line) or line[i + 1] == " ")]
-            for line in lines]
+    ends = [
+        [
+            i
+            for i, c in enumerate(line)
+            if c != " " and (i + 1 == len(line) or line[i + 1] == " ")
+        ]
+        for line in lines
+    ]
     assert all(e == ends[0] for e in ends)
 
 
@@ -59,7 +70,9 @@ def test_running_loss_read_on_interval(monkeypatch):
     """The running loss is read from the device only when the refresh interval has passed."""
     reads = []
     original = torch.Tensor.__float__
-    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: reads.append(1) or original(self))
+    monkeypatch.setattr(
+        torch.Tensor, "__float__", lambda self: reads.append(1) or original(self)
+    )
     out = FakeTTY()
     dls = DataLoaders(DataLoader(make_data(800), batch_size=4), None)
     Learner(nn.Linear(4, 3), dls, cbs=[ProgressCB(file=out, mininterval=3600)]).fit(1)
@@ -89,7 +102,7 @@ def test_notebook_live_plot(monkeypatch):
     import IPython.display
     from matplotlib.figure import Figure
 
-    import learnloop.callbacks.progress as progress
+    from learnloop.callbacks import progress
 
     shown = []
 

@@ -58,7 +58,9 @@ def test_plot_loss_has_valid_curve():
     """The loss plot shows raw, smoothed and per-epoch validation losses."""
     learn = Learner(nn.Linear(4, 3), make_dls())
     learn.fit(2)
-    labels = [line.get_label() for line in learn.recorder.plot_loss().axes[0].get_lines()]
+    labels = [
+        line.get_label() for line in learn.recorder.plot_loss().axes[0].get_lines()
+    ]
     assert labels == ["train (raw)", "train (smoothed)", "valid (per epoch)"]
 
 
@@ -72,4 +74,4 @@ def test_recorder_property_missing():
     """learn.recorder says how to attach one when there is none."""
     learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
     with pytest.raises(AttributeError, match=r"cbs=\[Recorder\(\)\]"):
-        learn.recorder
+        _ = learn.recorder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from itertools import pairwise
 
 import pytest
 import torch
@@ -35,7 +36,9 @@ class RecordHypers(Callback):
         if learn.training:
             group = learn.opt.param_groups[0]
             self.lrs.append(group["lr"])
-            self.moms.append(group["betas"][0] if "betas" in group else group["momentum"])
+            self.moms.append(
+                group["betas"][0] if "betas" in group else group["momentum"]
+            )
 
 
 class TestFitOneCycle:
@@ -50,8 +53,8 @@ class TestFitOneCycle:
         assert lrs[0] == pytest.approx(0.1 / 25)
         assert max(lrs) == pytest.approx(0.1, rel=1e-3)
         assert lrs[-1] == pytest.approx(0.1 / 1e5)
-        assert all(a < b for a, b in zip(lrs[:peak], lrs[1 : peak + 1]))
-        assert all(a > b for a, b in zip(lrs[peak:-1], lrs[peak + 1 :]))
+        assert all(a < b for a, b in pairwise(lrs[: peak + 1]))
+        assert all(a > b for a, b in pairwise(lrs[peak:]))
 
     def test_length_of_the_loader_the_fit_reads(self):
         """The schedule is sized at fit start, so a loader swapped there (a DDP shard) still ends the cycle."""
@@ -64,7 +67,9 @@ class TestFitOneCycle:
 
         learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[HalveLoader()])
         learn.fit_one_cycle(2, lr_max=0.1)
-        assert len(learn.recorder.lrs) == 6 and learn.recorder.lrs[-1] == pytest.approx(0.1 / 1e5)
+        assert len(learn.recorder.lrs) == 6 and learn.recorder.lrs[-1] == pytest.approx(
+            0.1 / 1e5
+        )
 
     def test_recorder_lr_plot_shows_the_schedule(self):
         """The Recorder's lr plot draws the one-cycle curve it recorded."""
@@ -80,7 +85,10 @@ class TestFitOneCycle:
         learn.fit_one_cycle(2, lr_max=1e-2, cbs=[rec])
         peak = rec.lrs.index(max(rec.lrs))
         assert rec.moms[0] == pytest.approx(0.95)
-        assert min(rec.moms) == pytest.approx(0.85, abs=1e-3) and rec.moms.index(min(rec.moms)) == peak
+        assert (
+            min(rec.moms) == pytest.approx(0.85, abs=1e-3)
+            and rec.moms.index(min(rec.moms)) == peak
+        )
         assert rec.moms[-1] == pytest.approx(0.95)
         assert learn.opt.param_groups[0]["betas"][1] == 0.999
 
@@ -94,14 +102,20 @@ class TestFitOneCycle:
     def test_sgd_momentum_is_cycled(self):
         """An SGD group with momentum gets the (0.95, 0.85, 0.95) cycle."""
         rec = RecordHypers()
-        learn = Learner(nn.Linear(4, 3), make_dls(), opt_func=partial(torch.optim.SGD, momentum=0.9))
+        learn = Learner(
+            nn.Linear(4, 3), make_dls(), opt_func=partial(torch.optim.SGD, momentum=0.9)
+        )
         learn.fit_one_cycle(2, lr_max=0.1, cbs=[rec])
-        assert rec.moms[0] == pytest.approx(0.95) and min(rec.moms) == pytest.approx(0.85, abs=1e-2)
+        assert rec.moms[0] == pytest.approx(0.95) and min(rec.moms) == pytest.approx(
+            0.85, abs=1e-2
+        )
 
     def test_lr_max_per_group(self):
         """A list of lr_max gives each param group its own peak; a wrong length names the groups."""
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
-        opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=1)
+        opt = torch.optim.SGD(
+            [{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=1
+        )
         sched = OneCycle(opt, total_steps=9, lr_max=[0.01, 0.1], pct_start=0.5)
         for _ in range(4):
             sched.step()
@@ -166,14 +180,23 @@ class TestBatchSchedCB:
     def test_steps_once_per_training_batch(self):
         """A torch scheduler advances once per training batch (validation batches don't count)."""
         learn = Learner(nn.Linear(4, 3), make_dls(), lr=1.0)
-        learn.fit(2, cbs=[BatchSchedCB(partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5))])
+        learn.fit(
+            2,
+            cbs=[
+                BatchSchedCB(partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5))
+            ],
+        )
         assert learn.recorder.lrs == [0.5**i for i in range(12)]
 
     def test_with_accumulation_schedule_follows_batches_without_warning(self):
         """With GradAccumCB the schedule still advances per batch, and torch's order warning is silenced."""
         learn = Learner(nn.Linear(4, 3), make_dls(), lr=1.0)
-        sched = BatchSchedCB(partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda i: 1 / (i + 1)))
-        learn.fit(1, cbs=[sched, GradAccumCB(3)])  # filterwarnings=error would fail on the warning
+        sched = BatchSchedCB(
+            partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda i: 1 / (i + 1))
+        )
+        learn.fit(
+            1, cbs=[sched, GradAccumCB(3)]
+        )  # filterwarnings=error would fail on the warning
         assert learn.recorder.lrs == pytest.approx([1 / (i + 1) for i in range(6)])
 
     def test_factory_must_be_callable(self):
@@ -192,19 +215,35 @@ class TestEpochSchedCB:
     def test_steps_once_per_epoch(self):
         """StepLR(step_size=1, gamma=0.5) halves the lr between epochs."""
         learn = Learner(nn.Linear(4, 3), make_dls(), lr=0.8)
-        learn.fit(3, cbs=[EpochSchedCB(partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))])
+        learn.fit(
+            3,
+            cbs=[
+                EpochSchedCB(
+                    partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+                )
+            ],
+        )
         assert learn.recorder.lrs == [0.8] * 6 + [0.4] * 6 + [0.2] * 6
 
     def test_plateau_reads_the_monitored_value(self):
         """ReduceLROnPlateau is stepped with valid_loss, and cuts the lr when it stops improving."""
-        learn = Learner(nn.Linear(4, 3), make_dls(), lr=1e-3)  # too small to improve valid_loss by 10%
-        plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.1, threshold=0.1)
+        learn = Learner(
+            nn.Linear(4, 3), make_dls(), lr=1e-3
+        )  # too small to improve valid_loss by 10%
+        plateau = partial(
+            torch.optim.lr_scheduler.ReduceLROnPlateau,
+            patience=0,
+            factor=0.1,
+            threshold=0.1,
+        )
         learn.fit(3, cbs=[EpochSchedCB(plateau)])
         assert math.isclose(learn.opt.param_groups[0]["lr"], 1e-5, rel_tol=1e-6)
 
     def test_plateau_missing_monitor_lists_keys(self):
         """A monitor that is not in epoch_log raises, listing what is there."""
         learn = Learner(nn.Linear(4, 3), make_dls())
-        cb = EpochSchedCB(partial(torch.optim.lr_scheduler.ReduceLROnPlateau), monitor="accuracy")
+        cb = EpochSchedCB(
+            partial(torch.optim.lr_scheduler.ReduceLROnPlateau), monitor="accuracy"
+        )
         with pytest.raises(KeyError, match="valid_loss"):
             learn.fit(1, cbs=[cb])

@@ -65,7 +65,9 @@ class FilesSeen(Callback):
 
 
 def learner(*cbs) -> Learner:
-    return Learner(nn.Linear(4, 3), make_dls(), lr=0.1, default_cbs=False, cbs=[MetricsCB(), *cbs])
+    return Learner(
+        nn.Linear(4, 3), make_dls(), lr=0.1, default_cbs=False, cbs=[MetricsCB(), *cbs]
+    )
 
 
 class TestCheckpointCB:
@@ -73,7 +75,9 @@ class TestCheckpointCB:
         """best.pt is rewritten exactly at the epochs whose valid_loss beats every earlier one."""
         spy = FilesSeen(tmp_path)
         learner(
-            SetValidLoss([3.0, 2.0, 4.0, 1.0, 5.0]), CheckpointCB(tmp_path, monitor="valid_loss"), spy
+            SetValidLoss([3.0, 2.0, 4.0, 1.0, 5.0]),
+            CheckpointCB(tmp_path, monitor="valid_loss"),
+            spy,
         ).fit(5)
         assert [best for _, best in spy.seen] == [1, 2, 2, 4, 4]
         assert [last for last, _ in spy.seen] == [1, 2, 3, 4, 5]
@@ -82,7 +86,9 @@ class TestCheckpointCB:
         """With mode='max', best.pt follows the largest value."""
         spy = FilesSeen(tmp_path)
         learner(
-            SetValidLoss([1.0, 3.0, 2.0]), CheckpointCB(tmp_path, monitor="valid_loss", mode="max"), spy
+            SetValidLoss([1.0, 3.0, 2.0]),
+            CheckpointCB(tmp_path, monitor="valid_loss", mode="max"),
+            spy,
         ).fit(3)
         assert [best for _, best in spy.seen] == [1, 2, 2]
 
@@ -96,7 +102,9 @@ class TestCheckpointCB:
     def test_resumed_fit_keeps_the_best_value(self, tmp_path):
         """A resumed fit writes best.pt only when it beats the best value saved before."""
         values = [3.0, 2.0, 2.5, 1.0]
-        learner(SetValidLoss(values), CheckpointCB(tmp_path, monitor="valid_loss")).fit(2)
+        learner(SetValidLoss(values), CheckpointCB(tmp_path, monitor="valid_loss")).fit(
+            2
+        )
         spy, ckpt = FilesSeen(tmp_path), CheckpointCB(tmp_path, monitor="valid_loss")
         learner(SetValidLoss(values), ckpt, spy).fit(4, resume=tmp_path)
         assert [best for _, best in spy.seen] == [2, 4]
@@ -105,14 +113,18 @@ class TestCheckpointCB:
     def test_early_stopped_fit_writes_its_last_epoch(self, tmp_path):
         """A fit stopped between epochs writes last.pt with every callback's final state, whatever `every` is."""
         es = EarlyStoppingCB(patience=2)
-        learner(SetValidLoss([1.0, 2.0, 3.0, 4.0, 5.0]), CheckpointCB(tmp_path, every=5), es).fit(5)
+        learner(
+            SetValidLoss([1.0, 2.0, 3.0, 4.0, 5.0]), CheckpointCB(tmp_path, every=5), es
+        ).fit(5)
         ck = read_checkpoint(tmp_path / "last.pt")
         assert ck["epochs_done"] == 3
         assert ck["callbacks"]["EarlyStoppingCB"] == {"best": 1.0, "wait": 2}
 
     def test_missing_monitor_lists_the_metrics(self, tmp_path):
         """Monitoring a value the epoch log lacks names the values that exist."""
-        with pytest.raises(ValueError, match="monitors 'accuracy'.*available: train_loss, valid_loss"):
+        with pytest.raises(
+            ValueError, match="monitors 'accuracy'.*available: train_loss, valid_loss"
+        ):
             learner(CheckpointCB(tmp_path, monitor="accuracy")).fit(1)
 
     @pytest.mark.parametrize(
@@ -142,13 +154,19 @@ class TestEarlyStoppingCB:
     )
     def test_stop_epoch(self, values, patience, min_delta, mode, stop_epoch):
         """The fit stops after `patience` epochs in a row without an improvement larger than min_delta."""
-        es = EarlyStoppingCB("valid_loss", mode=mode, patience=patience, min_delta=min_delta)
+        es = EarlyStoppingCB(
+            "valid_loss", mode=mode, patience=patience, min_delta=min_delta
+        )
         learn = learner(SetValidLoss(values), es)
         learn.fit(len(values))
         assert es.stopped_epoch == stop_epoch
-        assert learn.epochs_done == (len(values) if stop_epoch is None else stop_epoch + 1)
+        assert learn.epochs_done == (
+            len(values) if stop_epoch is None else stop_epoch + 1
+        )
         assert es.stop_reason == (
-            StopReason.NOT_STOPPED if stop_epoch is None else StopReason.PATIENCE_EXHAUSTED
+            StopReason.NOT_STOPPED
+            if stop_epoch is None
+            else StopReason.PATIENCE_EXHAUSTED
         )
 
     def test_non_finite_value_stops_at_once(self):
@@ -160,7 +178,9 @@ class TestEarlyStoppingCB:
     def test_resume_keeps_the_patience_count(self, tmp_path):
         """Epochs waited before the checkpoint count after resuming."""
         values = [1.0, 2.0, 3.0, 4.0, 5.0]
-        learner(SetValidLoss(values), EarlyStoppingCB(patience=3), CheckpointCB(tmp_path)).fit(2)
+        learner(
+            SetValidLoss(values), EarlyStoppingCB(patience=3), CheckpointCB(tmp_path)
+        ).fit(2)
         es = EarlyStoppingCB(patience=3)
         learner(SetValidLoss(values), es).fit(5, resume=tmp_path)
         assert es.stopped_epoch == 3
@@ -168,13 +188,16 @@ class TestEarlyStoppingCB:
     def test_missing_monitor_lists_the_metrics(self):
         """An unknown monitor names the available values."""
         with pytest.raises(
-            ValueError, match="EarlyStoppingCB monitors 'val_loss'.*available: train_loss, valid_loss"
+            ValueError,
+            match="EarlyStoppingCB monitors 'val_loss'.*available: train_loss, valid_loss",
         ):
             learner(EarlyStoppingCB("val_loss")).fit(1)
 
     def test_empty_epoch_log_says_what_to_attach(self):
         """Without MetricsCB the message says to attach it."""
-        learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False, cbs=[EarlyStoppingCB()])
+        learn = Learner(
+            nn.Linear(4, 3), make_dls(), default_cbs=False, cbs=[EarlyStoppingCB()]
+        )
         with pytest.raises(ValueError, match="attach MetricsCB"):
             learn.fit(1)
 
@@ -223,8 +246,13 @@ class Interrupt(Callback):
 def test_keyboard_interrupt_leaves_everything_usable(tmp_path):
     """Ctrl-C mid-epoch: bars closed, hooks removed, last.pt from the last full epoch, fit works again."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    progress, stats = ProgressCB(bar=True, file=io.StringIO()), ActivationStatsCB(nn.ReLU)
-    learn = Learner(model, make_dls(), lr=0.1, cbs=[progress, stats, CheckpointCB(tmp_path)])
+    progress, stats = (
+        ProgressCB(bar=True, file=io.StringIO()),
+        ActivationStatsCB(nn.ReLU),
+    )
+    learn = Learner(
+        model, make_dls(), lr=0.1, cbs=[progress, stats, CheckpointCB(tmp_path)]
+    )
     with pytest.raises(KeyboardInterrupt):
         learn.fit(3, cbs=[Interrupt(1, 3)])
     assert progress._epoch_bar is None and progress._batch_bar is None

@@ -24,10 +24,14 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def fit_weights(model: nn.Module, bs: int, n: int = 64, cbs=(), lr: float = 0.1, epochs: int = 1) -> list:
+def fit_weights(
+    model: nn.Module, bs: int, n: int = 64, cbs=(), lr: float = 0.1, epochs: int = 1
+) -> list:
     """Train a copy of `model` with plain SGD and return its parameters."""
     model = copy.deepcopy(model)
-    learn = Learner(model, make_dls(n=n, bs=bs), lr=lr, cbs=list(cbs), default_cbs=False)
+    learn = Learner(
+        model, make_dls(n=n, bs=bs), lr=lr, cbs=list(cbs), default_cbs=False
+    )
     learn.fit(epochs, valid=False)
     return [p.detach().clone() for p in model.parameters()]
 
@@ -49,7 +53,9 @@ class CountSteps(Callback):
         self.steps = 0
 
     def before_fit(self, learn, *args, **kwargs):
-        learn.opt.register_step_post_hook(lambda *a: setattr(self, "steps", self.steps + 1))
+        learn.opt.register_step_post_hook(
+            lambda *a: setattr(self, "steps", self.steps + 1)
+        )
 
 
 class TestMixedPrecisionCB:
@@ -87,7 +93,9 @@ class TestMixedPrecisionCB:
             def after_batch(self, learn, *args, **kwargs):
                 states.append(torch.is_autocast_enabled("cpu"))
 
-        Learner(mlp(), make_dls(), cbs=[MixedPrecisionCB(), CancelAfterPred(), Check()]).fit(1)
+        Learner(
+            mlp(), make_dls(), cbs=[MixedPrecisionCB(), CancelAfterPred(), Check()]
+        ).fit(1)
         assert states and not any(states)
 
     def test_autocast_ends_on_error(self):
@@ -97,7 +105,9 @@ class TestMixedPrecisionCB:
             def forward(self, x):
                 raise ValueError("bad forward")
 
-        learn = Learner(nn.Sequential(nn.Linear(4, 3), Bad()), make_dls(), cbs=[MixedPrecisionCB()])
+        learn = Learner(
+            nn.Sequential(nn.Linear(4, 3), Bad()), make_dls(), cbs=[MixedPrecisionCB()]
+        )
         with pytest.raises(ValueError, match="bad forward"):
             learn.fit(1)
         assert not torch.is_autocast_enabled("cpu")
@@ -120,19 +130,25 @@ class TestMixedPrecisionCB:
 
             def after_backward(self, learn, *args, **kwargs):
                 if (learn.epoch, learn.iter) == (0, 2):
-                    snapshots["before"] = [p.detach().clone() for p in learn.model.parameters()]
+                    snapshots["before"] = [
+                        p.detach().clone() for p in learn.model.parameters()
+                    ]
                     next(learn.model.parameters()).grad[0, 0] = float("inf")
 
             def after_batch(self, learn, *args, **kwargs):
                 if (learn.epoch, learn.iter) == (0, 2):
-                    snapshots["after"] = [p.detach().clone() for p in learn.model.parameters()]
+                    snapshots["after"] = [
+                        p.detach().clone() for p in learn.model.parameters()
+                    ]
 
         mp = MixedPrecisionCB(torch.float16, init_scale=1024.0)
         learn = Learner(mlp(), make_dls(), cbs=[mp, InjectInf()])
         with caplog.at_level(logging.INFO, logger="learnloop.callbacks.training"):
             learn.fit(2)
         assert mp.skipped_steps == 1 and mp.skipped_per_epoch == [1, 0]
-        assert all(torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"]))
+        assert all(
+            torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"])
+        )
         assert mp.scaler.get_scale() == 512.0
         assert "1 optimizer steps skipped in epoch 0" in caplog.text
 
@@ -155,7 +171,9 @@ class TestMixedPrecisionCB:
 
     def test_resume_restores_the_loss_scale(self, tmp_path):
         """A checkpoint carries the GradScaler's scale into a resumed fit."""
-        first = Learner(mlp(), make_dls(), cbs=[MixedPrecisionCB("fp16", init_scale=64.0)])
+        first = Learner(
+            mlp(), make_dls(), cbs=[MixedPrecisionCB("fp16", init_scale=64.0)]
+        )
         first.fit(1)
         first.save(tmp_path / "ck.pt")
         mp = MixedPrecisionCB("fp16")  # default init_scale 2**16
@@ -218,7 +236,9 @@ class TestGradAccumCB:
     def test_unsized_loader_drops_leftover_gradients(self):
         """With a loader of unknown length, an unfinished group's gradients are dropped at the epoch's end."""
         counter = CountSteps()
-        learn = Learner(mlp(), make_dls(), cbs=[GradAccumCB(4), counter], default_cbs=False)
+        learn = Learner(
+            mlp(), make_dls(), cbs=[GradAccumCB(4), counter], default_cbs=False
+        )
         learn.dls.train = IterableOnly(learn.dls.train)
         learn.fit(1, valid=False)
         assert counter.steps == 1  # 6 batches: one full group, 2 batches left over
@@ -237,7 +257,9 @@ class TestGradClipCB:
         before, after = [], []
 
         def total_norm(model):
-            return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+            return torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in model.parameters()])
+            ).item()
 
         class Measure(Callback):
             def __init__(self, order, out):
@@ -247,7 +269,12 @@ class TestGradClipCB:
                 self.out.append(total_norm(learn.model))
 
         clip = GradClipCB(0.05)
-        Learner(mlp(), make_dls(), lr=0.5, cbs=[clip, Measure(34, before), Measure(36, after)]).fit(1)
+        Learner(
+            mlp(),
+            make_dls(),
+            lr=0.5,
+            cbs=[clip, Measure(34, before), Measure(36, after)],
+        ).fit(1)
         assert clip.norms == pytest.approx(before, rel=1e-5)
         assert max(before) > 0.05
         assert all(n <= 0.05 * (1 + 1e-4) for n in after)
@@ -256,7 +283,10 @@ class TestGradClipCB:
         """No float conversion per batch: the norms stay tensors until read."""
         clip = GradClipCB(1.0)
         Learner(mlp(), make_dls(), cbs=[clip]).fit(1)
-        assert all(isinstance(n, torch.Tensor) for n in clip._norms) and len(clip.norms) == 6
+        assert (
+            all(isinstance(n, torch.Tensor) for n in clip._norms)
+            and len(clip.norms) == 6
+        )
 
     def test_bad_max_norm(self):
         """max_norm must be positive."""
@@ -278,7 +308,9 @@ class TestComposition:
         model = mlp()
         ref_clip, mp_clip = GradClipCB(0.5), GradClipCB(0.5)
         ref = fit_weights(model, bs=4, cbs=[GradAccumCB(4), ref_clip])
-        mixed = fit_weights(model, bs=4, cbs=[GradAccumCB(4), MixedPrecisionCB(torch.float16), mp_clip])
+        mixed = fit_weights(
+            model, bs=4, cbs=[GradAccumCB(4), MixedPrecisionCB(torch.float16), mp_clip]
+        )
         assert len(mp_clip.norms) == len(ref_clip.norms) == 4
         assert mp_clip.norms == pytest.approx(ref_clip.norms, rel=2e-2)
         for a, b in zip(ref, mixed):

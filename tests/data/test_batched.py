@@ -26,7 +26,9 @@ class TestDecodeImages:
         x = np.asarray(decoded.with_format("numpy")[:]["image"])
         assert x.shape == (4, channels, 5, 6)
         want = np.asarray(ds[3]["image"])
-        assert np.array_equal(x[3], want[None] if mode == "L" else want.transpose(2, 0, 1))
+        assert np.array_equal(
+            x[3], want[None] if mode == "L" else want.transpose(2, 0, 1)
+        )
 
     def test_in_memory_has_no_cache_files(self):
         """A dataset built in memory is decoded in memory: no cache files appear."""
@@ -35,7 +37,9 @@ class TestDecodeImages:
     def test_cached_across_processes(self, png_dir, tmp_path):
         """A second process loads the decoded images from the cache instead of decoding again."""
         cache = str(tmp_path / "hf-cache")
-        first = decode_images(load_local(png_dir, cache_dir=cache)["train"]).cache_files[0]["filename"]
+        first = decode_images(
+            load_local(png_dir, cache_dir=cache)["train"]
+        ).cache_files[0]["filename"]
         assert first.startswith(cache)
         mtime = os.stat(first).st_mtime_ns
         code = (
@@ -73,7 +77,9 @@ class TestBatchedDataset:
         bds = BatchedDataset.from_hf(sub)
         x, y = bds[[0, 1, 2]]
         assert y.tolist() == sub["label"]
-        assert torch.equal(x, torch.as_tensor(np.asarray(sub.with_format("numpy")["image"])))
+        assert torch.equal(
+            x, torch.as_tensor(np.asarray(sub.with_format("numpy")["image"]))
+        )
         assert x.dtype == torch.uint8 and len(bds) == 3
 
     def test_tfms_run_on_the_batch(self):
@@ -83,7 +89,9 @@ class TestBatchedDataset:
             b["x"] = b["x"] * 2
             return b
 
-        bds = BatchedDataset({"x": torch.arange(4.0), "y": torch.arange(4)}, tfms=double)
+        bds = BatchedDataset(
+            {"x": torch.arange(4.0), "y": torch.arange(4)}, tfms=double
+        )
         assert bds[[1, 3]][0].tolist() == [2.0, 6.0]
 
     def test_tfm_returning_none(self):
@@ -92,7 +100,10 @@ class TestBatchedDataset:
         def norm(b):
             b["x"] = b["x"] / 2
 
-        with pytest.raises(TypeError, match=r"norm \(in batch_tfms\) returned None.*`return b`.*@inplace"):
+        with pytest.raises(
+            TypeError,
+            match=r"norm \(in batch_tfms\) returned None.*`return b`.*@inplace",
+        ):
             BatchedDataset({"x": torch.arange(4.0)}, tfms=[norm])[[0]]
 
     def test_unequal_lengths(self):
@@ -103,13 +114,16 @@ class TestBatchedDataset:
     def test_string_column(self, hf_dataset):
         """A text column cannot be batched into a tensor: the error names it and the fix."""
         ds = hf_dataset.add_column("name", [str(i) for i in range(len(hf_dataset))])
-        with pytest.raises(ValueError, match=r"Column 'name'.*remove_columns\(\['name'\]\)"):
+        with pytest.raises(
+            ValueError, match=r"Column 'name'.*remove_columns\(\['name'\]\)"
+        ):
             BatchedDataset.from_hf(ds)
 
 
 class TestBatchedLoader:
     @pytest.mark.parametrize(
-        ("shuffle", "drop_last", "n_batches"), [(False, False, 3), (True, False, 3), (True, True, 2)]
+        ("shuffle", "drop_last", "n_batches"),
+        [(False, False, 3), (True, False, 3), (True, True, 2)],
     )
     def test_epoch(self, shuffle, drop_last, n_batches):
         """One epoch visits every row once, in whole batches, shuffled if asked."""

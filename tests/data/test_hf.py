@@ -41,14 +41,22 @@ class TestCollateDict:
             return {"pixels": b["image"], "label": b["label"]}
 
         ds = hf_dataset.with_format("torch").with_transform(rename)
-        with pytest.raises(KeyError, match=r"expects column 'image'.*have columns \['pixels', 'label'\]"):
+        with pytest.raises(
+            KeyError,
+            match=r"expects column 'image'.*have columns \['pixels', 'label'\]",
+        ):
             collate_dict(hf_dataset)([ds[0], ds[1]])
 
     def test_different_sizes(self):
         """Items of different shapes fail naming the item's position and both shapes."""
-        rows = [{"x": torch.zeros(1, 4, 4)}, {"x": torch.zeros(1, 4, 4)}, {"x": torch.zeros(1, 5, 4)}]
+        rows = [
+            {"x": torch.zeros(1, 4, 4)},
+            {"x": torch.zeros(1, 4, 4)},
+            {"x": torch.zeros(1, 5, 4)},
+        ]
         with pytest.raises(
-            ValueError, match=r"item 2 of the batch has shape \(1, 5, 4\), but item 0 has \(1, 4, 4\)"
+            ValueError,
+            match=r"item 2 of the batch has shape \(1, 5, 4\), but item 0 has \(1, 4, 4\)",
         ):
             collate_dict(columns=["x"])(rows)
 
@@ -73,9 +81,13 @@ def test_transform_returning_none(hf_dataset):
 
     dd = {"train": hf_dataset.with_transform(to_float), "test": hf_dataset}
     dls = DataLoaders.from_dd(_DD(dd), 4)
-    with pytest.raises(TypeError, match=r"to_float .*returned None.*`return b`.*@inplace"):
+    with pytest.raises(
+        TypeError, match=r"to_float .*returned None.*`return b`.*@inplace"
+    ):
         next(iter(dls.train))
-    fixed = _DD({"train": hf_dataset.with_transform(inplace(to_float)), "test": hf_dataset})
+    fixed = _DD(
+        {"train": hf_dataset.with_transform(inplace(to_float)), "test": hf_dataset}
+    )
     x, _ = next(iter(DataLoaders.from_dd(fixed, 4).train))
     assert x.dtype == torch.float32
 

@@ -18,7 +18,8 @@ datasets = pytest.importorskip("datasets")
 def dd(hf_dataset):
     """A DatasetDict of 30 train and 12 test rows (8x8 uint8 images, 3 classes)."""
     return datasets.DatasetDict(
-        train=hf_dataset.with_format("torch"), test=hf_dataset.select(range(12)).with_format("torch")
+        train=hf_dataset.with_format("torch"),
+        test=hf_dataset.select(range(12)).with_format("torch"),
     )
 
 
@@ -39,17 +40,31 @@ class TestFromDD:
 
     def test_missing_split(self, dd, batched):
         """A split name that does not exist fails listing the splits."""
-        with pytest.raises(KeyError, match=r"No split named 'valid'.*splits \['train', 'test'\]"):
+        with pytest.raises(
+            KeyError, match=r"No split named 'valid'.*splits \['train', 'test'\]"
+        ):
             DataLoaders.from_dd(dd, 4, batched=batched, valid="valid")
-        with pytest.raises(ValueError, match=r"No validation split.*splits \['train'\]"):
-            DataLoaders.from_dd(datasets.DatasetDict(train=dd["train"]), 4, batched=batched)
+        with pytest.raises(
+            ValueError, match=r"No validation split.*splits \['train'\]"
+        ):
+            DataLoaders.from_dd(
+                datasets.DatasetDict(train=dd["train"]), 4, batched=batched
+            )
 
     def test_options_pass_through(self, dd, batched):
         """DataLoader options reach the loaders; drop_last applies to training only."""
         dls = DataLoaders.from_dd(
-            dd, 8, batched=batched, drop_last=True, num_workers=1, persistent_workers=True
+            dd,
+            8,
+            batched=batched,
+            drop_last=True,
+            num_workers=1,
+            persistent_workers=True,
         )
-        assert dls.train.num_workers == dls.valid.num_workers == 1 and dls.train.persistent_workers
+        assert (
+            dls.train.num_workers == dls.valid.num_workers == 1
+            and dls.train.persistent_workers
+        )
         assert len(dls.train) == 3 and len(dls.valid) == 1
         assert sum(len(b[1]) for b in dls.valid) == 12
 
@@ -57,7 +72,9 @@ class TestFromDD:
 def test_batched_tfms_and_train_only(dd):
     """batch_tfms run on each batch; those marked train_only are left off the validation loader."""
     flip = RandomFlip(p=1.0)
-    dls = DataLoaders.from_dd(dd, 12, batched=True, batch_tfms=[Normalize(0.0, 2.0), flip])
+    dls = DataLoaders.from_dd(
+        dd, 12, batched=True, batch_tfms=[Normalize(0.0, 2.0), flip]
+    )
     x, _ = next(iter(dls.valid))
     assert x.dtype == torch.float32
     assert torch.equal(x[0], dd["test"][0]["image"].float() / 2)
@@ -76,9 +93,15 @@ def test_argument_conflicts(dd):
 
 def test_batched_images_from_files(png_dir, tmp_path):
     """PNG images from parquet files arrive decoded as uint8 (N, 1, H, W) batches."""
-    dls = DataLoaders.from_dd(load_local(png_dir, cache_dir=str(tmp_path / "cache")), 4, batched=True)
+    dls = DataLoaders.from_dd(
+        load_local(png_dir, cache_dir=str(tmp_path / "cache")), 4, batched=True
+    )
     x, y = next(iter(dls.valid))
-    assert x.shape == (4, 1, 5, 6) and x.dtype == torch.uint8 and y.tolist() == [0, 1, 0, 1]
+    assert (
+        x.shape == (4, 1, 5, 6)
+        and x.dtype == torch.uint8
+        and y.tolist() == [0, 1, 0, 1]
+    )
 
 
 def test_different_sizes_per_item():
@@ -86,7 +109,8 @@ def test_different_sizes_per_item():
     ds = image_dataset(4, odd=1).with_format("torch")
     dls = DataLoaders.from_dd(datasets.DatasetDict(train=ds, test=ds), 4)
     with pytest.raises(
-        ValueError, match=r"item 1 of the batch has shape \(1, 5, 7\), but item 0 has \(1, 5, 6\)"
+        ValueError,
+        match=r"item 1 of the batch has shape \(1, 5, 7\), but item 0 has \(1, 5, 6\)",
     ):
         next(iter(dls.valid))
 
@@ -106,7 +130,9 @@ def test_learner_trains_on_batched_digits():
         b["image"] = b["image"].unsqueeze(1)
         return b
 
-    dls = DataLoaders.from_dd(load_digits(), 64, batched=True, batch_tfms=[Normalize(5.0, 6.0), add_channel])
+    dls = DataLoaders.from_dd(
+        load_digits(), 64, batched=True, batch_tfms=[Normalize(5.0, 6.0), add_channel]
+    )
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     learn = Learner(model, dls, lr=0.1, cbs=[MetricsCB(Accuracy())], default_cbs=False)
     learn.fit(3)

@@ -48,7 +48,8 @@ def test_show_image_pil_and_rescale():
 
 
 @pytest.mark.parametrize(
-    ("n", "kw", "grid"), [(10, {}, (3, 4)), (5, {"nrows": 1}, (5,)), (5, {"ncols": 2}, (3, 2))]
+    ("n", "kw", "grid"),
+    [(10, {}, (3, 4)), (5, {"nrows": 1}, (5,)), (5, {"ncols": 2}, (3, 2))],
 )
 def test_get_grid_holds_n(n, kw, grid):
     """The grid has room for n images; the unused axes are hidden."""
@@ -75,7 +76,9 @@ def test_subplots_one_axis_is_an_array():
     assert axs.shape == (1,) and tuple(fig.get_size_inches()) == (2, 2)
 
 
-@pytest.mark.parametrize(("f", "name"), [(show_image, "cmap"), (subplots, "sharex"), (show_images, "imsize")])
+@pytest.mark.parametrize(
+    ("f", "name"), [(show_image, "cmap"), (subplots, "sharex"), (show_images, "imsize")]
+)
 def test_delegated_signatures(f, name):
     """help() shows matplotlib's own keyword arguments (fastcore.meta.delegates)."""
     assert name in inspect.signature(f).parameters
@@ -83,8 +86,8 @@ def test_delegated_signatures(f, name):
 
 def test_import_is_light():
     """Importing learnloop does not import matplotlib or datasets (they load when used)."""
-    code = (
-        "import sys, learnloop, learnloop.data; print('matplotlib' in sys.modules, 'datasets' in sys.modules)"
+    code = "import sys, learnloop, learnloop.data; print('matplotlib' in sys.modules, 'datasets' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True
     )
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert out.stdout.split() == ["False", "False"], out.stderr

@@ -28,10 +28,17 @@ def test_parquet_file(small, tmp_path):
     [
         (["train.parquet", "test.parquet"], {"train": 12, "test": 12}),
         (
-            ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "valid.parquet"],
+            [
+                "train-00000-of-00002.parquet",
+                "train-00001-of-00002.parquet",
+                "valid.parquet",
+            ],
             {"train": 24, "validation": 12},
         ),
-        (["data/train/part.parquet", "data/val/part.parquet"], {"train": 12, "validation": 12}),
+        (
+            ["data/train/part.parquet", "data/val/part.parquet"],
+            {"train": 12, "validation": 12},
+        ),
     ],
 )
 def test_parquet_folder_splits(small, tmp_path, names, splits):
@@ -58,7 +65,11 @@ def test_arrow_files(small, tmp_path):
 @pytest.mark.parametrize("as_dict", [True, False])
 def test_save_to_disk(small, tmp_path, as_dict):
     """A `save_to_disk` folder loads back as a DatasetDict (a lone Dataset becomes 'train')."""
-    obj = datasets.DatasetDict(train=small, test=small.select(range(4))) if as_dict else small
+    obj = (
+        datasets.DatasetDict(train=small, test=small.select(range(4)))
+        if as_dict
+        else small
+    )
     obj.save_to_disk(tmp_path / "saved")
     dd = load_data(str(tmp_path / "saved"))
     assert isinstance(dd, datasets.DatasetDict)
@@ -73,7 +84,9 @@ def test_image_folder(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(2):
-                Image.new("L", (6, 6), color=i * 50).save(tmp_path / split / cls / f"{i}.png")
+                Image.new("L", (6, 6), color=i * 50).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
     dd = load_local(tmp_path)
     assert set(dd) == {"train", "test"} and dd["train"].num_rows == 4
     assert dd["train"].features["label"].names == ["cat", "dog"]

@@ -9,7 +9,10 @@ from learnloop.data import Normalize, RandomCrop, RandomFlip
 
 
 def _batch(n: int = 8, c: int = 3) -> dict[str, torch.Tensor]:
-    return {"image": torch.randint(0, 256, (n, c, 6, 6), dtype=torch.uint8), "label": torch.arange(n)}
+    return {
+        "image": torch.randint(0, 256, (n, c, 6, 6), dtype=torch.uint8),
+        "label": torch.arange(n),
+    }
 
 
 class TestNormalize:
@@ -23,7 +26,9 @@ class TestNormalize:
 
     def test_scalar_on_hw_images(self):
         """One mean and std apply to images without a channel axis too."""
-        out = Normalize(1.0, 2.0)({"image": torch.full((2, 4, 4), 5, dtype=torch.uint8)})["image"]
+        out = Normalize(1.0, 2.0)(
+            {"image": torch.full((2, 4, 4), 5, dtype=torch.uint8)}
+        )["image"]
         assert out.shape == (2, 4, 4) and torch.all(out == 2.0)
 
     def test_bad_std(self):
@@ -49,5 +54,7 @@ def test_random_crop():
     assert out.shape == x.shape
     shifts = [(i, j) for i in range(-1, 2) for j in range(-1, 2)]
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
-    assert any(torch.equal(out, padded[..., 1 + i : 7 + i, 1 + j : 7 + j]) for i, j in shifts)
+    assert any(
+        torch.equal(out, padded[..., 1 + i : 7 + i, 1 + j : 7 + j]) for i, j in shifts
+    )
     assert torch.equal(RandomCrop(padding=0)({"image": x})["image"], x)

@@ -17,7 +17,9 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 def load(name: str) -> ModuleType:
     """Import examples/<name>.py as a module (without running it as a script)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", EXAMPLES / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -39,7 +41,18 @@ def test_fashion_mnist(tmp_path, capsys):
     image_dataset(8).to_parquet(data / "test.parquet")
     out = tmp_path / "loss.png"
     accuracy = load("fashion_mnist").main(
-        ["--data", str(data), "--epochs", "1", "--bs", "4", "--limit", "8", "--out", str(out)]
+        [
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--bs",
+            "4",
+            "--limit",
+            "8",
+            "--out",
+            str(out),
+        ]
     )
     assert 0 <= accuracy <= 1 and out.stat().st_size > 0
     assert "valid_loss" in capsys.readouterr().out
@@ -48,7 +61,11 @@ def test_fashion_mnist(tmp_path, capsys):
 def test_custom_callback(capsys):
     """The callbacks count batches, cancel the first two of each epoch and track the best epoch."""
     seen = load("custom_callback").main(["--epochs", "1", "--bs", "256"])
-    assert seen["train_batches"] == 6 and seen["skipped"] == 2 and seen["best_epoch"][0] == 0
+    assert (
+        seen["train_batches"] == 6
+        and seen["skipped"] == 2
+        and seen["best_epoch"][0] == 0
+    )
 
 
 def test_notebook_stored_without_outputs():
@@ -63,7 +80,9 @@ def test_notebook_runs(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     if importlib.util.find_spec("ipykernel") is None:
-        pytest.skip("ipykernel is not installed, so there is no kernel to run the notebook")
+        pytest.skip(
+            "ipykernel is not installed, so there is no kernel to run the notebook"
+        )
     kernel_dir = tmp_path / "kernels" / "learnloop-test"
     kernel_dir.mkdir(parents=True)
     spec = {
@@ -76,7 +95,10 @@ def test_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     nb = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
     client = nbclient.NotebookClient(
-        nb, kernel_name="learnloop-test", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+        nb,
+        kernel_name="learnloop-test",
+        timeout=120,
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

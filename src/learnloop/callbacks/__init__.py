@@ -7,4 +7,12 @@ from .metrics import Accuracy, MetricsCB
 from .progress import ProgressCB
 from .recorder import Recorder
 
-__all__ = ["Accuracy", "Callback", "DeviceCB", "GatherPredsCB", "MetricsCB", "ProgressCB", "Recorder"]
+__all__ = [
+    "Accuracy",
+    "Callback",
+    "DeviceCB",
+    "GatherPredsCB",
+    "MetricsCB",
+    "ProgressCB",
+    "Recorder",
+]

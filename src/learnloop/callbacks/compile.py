@@ -36,13 +36,15 @@ def _probe(device: str, backend: str | Callable[..., Any]) -> str | None:
         out = torch.compile(_probe_fn, backend=backend, fullgraph=True)(x)
         if not torch.allclose(out, _probe_fn(x)):
             return "the compiled probe gave a wrong result"
-    except Exception as e:  # any failure means: this platform cannot compile
+    except Exception as e:  # noqa: BLE001 - any failure means: this platform cannot compile
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"{type(e).__name__}: {first.rstrip('.')}"
     return None
 
 
-def check_compile(device: torch.device | str = "cpu", backend: str | Callable[..., Any] = "inductor") -> None:
+def check_compile(
+    device: torch.device | str = "cpu", backend: str | Callable[..., Any] = "inductor"
+) -> None:
     """Raise a RuntimeError that says what to do if `torch.compile` cannot work on `device` with `backend`."""
     error = _probe(str(torch.device(device)), backend)
     if error is not None:
@@ -67,7 +69,10 @@ class CompileCB(Callback):
     order = -15  # after DeviceCB (-20) has put the model on its device
 
     def __init__(
-        self, backend: str | Callable[..., Any] = "inductor", check: bool = True, **compile_kwargs: Any
+        self,
+        backend: str | Callable[..., Any] = "inductor",
+        check: bool = True,
+        **compile_kwargs: Any,
     ) -> None:
         self.backend, self.check, self.compile_kwargs = backend, check, compile_kwargs
         self._compiled: Any = None
@@ -80,7 +85,11 @@ class CompileCB(Callback):
             check_compile(first.device if first is not None else "cpu", self.backend)
         learn.model.compile(backend=self.backend, **self.compile_kwargs)
         self._compiled = learn.model
-        log.debug("CompileCB: compiled %s with backend %r", type(learn.model).__name__, self.backend)
+        log.debug(
+            "CompileCB: compiled %s with backend %r",
+            type(learn.model).__name__,
+            self.backend,
+        )
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._compile(learn)

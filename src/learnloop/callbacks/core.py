@@ -15,7 +15,7 @@ from typing import Any
 
 from ..events import EVENT_CONTEXT, EVENTS
 
-__all__ = ["Callback", "check_callback", "sort_callbacks", "dispatch_table"]
+__all__ = ["Callback", "check_callback", "dispatch_table", "sort_callbacks"]
 
 _PREFIXES = ("before", "after")
 
@@ -41,7 +41,9 @@ class Callback:
     """
 
     order: int = 0
-    run_in_lr_find: bool = True  # False: `learn.lr_find` detaches this callback during its sweep
+    run_in_lr_find: bool = (
+        True  # False: `learn.lr_find` detaches this callback during its sweep
+    )
 
     @property
     def name(self) -> str:
@@ -69,7 +71,9 @@ def _nearest_event(name: str) -> str | None:
 def _check_signature(cb: Any, event: str) -> None:
     hook = getattr(cb, event)
     if not callable(hook):
-        raise TypeError(f"{type(cb).__name__}.{event} is not callable: hooks must be methods.")
+        raise TypeError(
+            f"{type(cb).__name__}.{event} is not callable: hooks must be methods."
+        )
     context = EVENT_CONTEXT[event]
     try:
         sig = inspect.signature(hook)
@@ -115,7 +119,9 @@ def sort_callbacks(cbs: Iterable[Any]) -> list[Any]:
     return sorted(cbs, key=lambda cb: cb.order)
 
 
-def dispatch_table(cbs: Iterable[Any]) -> dict[str, list[tuple[Any, Callable[..., Any]]]]:
+def dispatch_table(
+    cbs: Iterable[Any],
+) -> dict[str, list[tuple[Any, Callable[..., Any]]]]:
     """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order."""
     table: dict[str, list[tuple[Any, Callable[..., Any]]]] = {}
     for cb in sort_callbacks(cbs):

@@ -35,12 +35,16 @@ class LimitBatchesCB(Callback):
         >>> learn.fit(2, cbs=[LimitBatchesCB(train=5, valid=2)])  # doctest: +SKIP
     """
 
-    order = -30  # before DeviceCB moves a batch that will not run, and before the bars are sized
+    order = (
+        -30
+    )  # before DeviceCB moves a batch that will not run, and before the bars are sized
 
     def __init__(self, train: int | None = None, valid: int | None = None) -> None:
         for name, n in (("train", train), ("valid", valid)):
             if n is not None and (not isinstance(n, int) or n < 1):
-                raise ValueError(f"LimitBatchesCB {name} must be None or an int >= 1 (batches), got {n!r}.")
+                raise ValueError(
+                    f"LimitBatchesCB {name} must be None or an int >= 1 (batches), got {n!r}."
+                )
         self.train, self.valid = train, valid
 
     def _limit(self, learn: Any) -> int | None:

@@ -16,8 +16,12 @@ __all__ = ["DeviceCB", "default_device", "to_device"]
 def default_device() -> torch.device:
     """cuda if available (under torchrun: `cuda:LOCAL_RANK`, this process's GPU), then mps, then cpu."""
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", -1))
-        return torch.device("cuda", local) if 0 <= local < torch.cuda.device_count() else torch.device("cuda")
+        local = int(os.environ.get("LOCAL_RANK", "-1"))
+        return (
+            torch.device("cuda", local)
+            if 0 <= local < torch.cuda.device_count()
+            else torch.device("cuda")
+        )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")
@@ -32,7 +36,9 @@ def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -
 def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
     # Per batch: tensors already there are returned as they are (`.to` would only parse its arguments).
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+        return (
+            obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+        )
     if isinstance(obj, Mapping):
         return type(obj)({k: _move(v, device, non_blocking) for k, v in obj.items()})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple

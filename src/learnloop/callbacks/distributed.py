@@ -22,7 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from .core import Callback
 
@@ -47,17 +53,21 @@ def _initialized() -> bool:
 
 def world_size() -> int:
     """Number of processes: the process group's size, else `WORLD_SIZE` (set by torchrun), else 1."""
-    return dist.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return (
+        dist.get_world_size()
+        if _initialized()
+        else int(os.environ.get("WORLD_SIZE", "1"))
+    )
 
 
 def rank() -> int:
     """This process's global rank: the process group's, else `RANK` (set by torchrun), else 0."""
-    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
 
 
 def local_rank() -> int:
     """This process's rank on its machine (`LOCAL_RANK`, set by torchrun), else 0: its GPU index."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main_process() -> bool:
@@ -82,7 +92,9 @@ def sum_across_processes(value: Tensor | float) -> Tensor:
     t = torch.as_tensor(value)
     if not is_distributed():
         return t
-    out = t.detach().to(_collective_device(), torch.float64 if t.is_floating_point() else torch.int64)
+    out = t.detach().to(
+        _collective_device(), torch.float64 if t.is_floating_point() else torch.int64
+    )
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device, t.dtype)
 
@@ -94,7 +106,9 @@ class _UnpaddedSampler(DistributedSampler):
     def __iter__(self) -> Any:
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)  # the same order on every rank
+            g = torch.Generator().manual_seed(
+                self.seed + self.epoch
+            )  # the same order on every rank
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
@@ -117,7 +131,11 @@ def _distributed_sampler(dl: Any) -> DistributedSampler | None:
 
 
 def shard_loader(
-    dl: DataLoader, training: bool, seed: int = 0, num_replicas: int | None = None, rank: int | None = None
+    dl: DataLoader,
+    training: bool,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
 ) -> DataLoader:
     """A copy of `dl` that reads only this process's shard, with the same shuffle, batch size and workers.
 
@@ -133,22 +151,38 @@ def shard_loader(
             f"DistributedCB can shard only a torch DataLoader over a map-style dataset, got "
             f"{type(dl).__name__} over {type(getattr(dl, 'dataset', None)).__name__}: {fix}"
         )
-    fast = dl.batch_size is None and isinstance(dl.sampler, BatchSampler)  # whole batches per __getitem__
+    fast = dl.batch_size is None and isinstance(
+        dl.sampler, BatchSampler
+    )  # whole batches per __getitem__
     if dl.batch_size is None and dl.batch_sampler is not None:
         name = type(dl.batch_sampler).__name__
-        raise TypeError(f"DistributedCB cannot shard a custom batch_sampler ({name}): {fix}")
+        raise TypeError(
+            f"DistributedCB cannot shard a custom batch_sampler ({name}): {fix}"
+        )
     inner = dl.sampler.sampler if fast else dl.sampler  # type: ignore[attr-defined]
     if type(inner) not in (RandomSampler, SequentialSampler):
-        raise TypeError(f"DistributedCB cannot shard a loader whose sampler is {type(inner).__name__}: {fix}")
+        raise TypeError(
+            f"DistributedCB cannot shard a loader whose sampler is {type(inner).__name__}: {fix}"
+        )
     cls = DistributedSampler if training else _UnpaddedSampler
     shuffle = isinstance(inner, RandomSampler)
     sampler: Any = cls(dl.dataset, num_replicas, rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
-    kept = {k: getattr(dl, k) for k in _loader_args() if k not in _REBUILT and hasattr(dl, k)}
+    kept = {
+        k: getattr(dl, k)
+        for k in _loader_args()
+        if k not in _REBUILT and hasattr(dl, k)
+    }
     if fast:
         whole: Any = dl.sampler
         sampler = BatchSampler(sampler, whole.batch_size, whole.drop_last)
         return DataLoader(dl.dataset, batch_size=None, sampler=sampler, **kept)
-    return DataLoader(dl.dataset, batch_size=dl.batch_size, sampler=sampler, drop_last=dl.drop_last, **kept)
+    return DataLoader(
+        dl.dataset,
+        batch_size=dl.batch_size,
+        sampler=sampler,
+        drop_last=dl.drop_last,
+        **kept,
+    )
 
 
 def _loader_args() -> list[str]:
@@ -166,30 +200,42 @@ def _sample_indices(dl: Any, n: int) -> list[int] | None:
     """The dataset indices of the first `n` samples `dl` yields (its sampler is deterministic per epoch)."""
     if _distributed_sampler(dl) is None:
         return None
-    batches = getattr(dl, "batch_sampler", None)  # honours drop_last; None when fed whole batches
+    batches = getattr(
+        dl, "batch_sampler", None
+    )  # honours drop_last; None when fed whole batches
     flat: list[int] = []
     for item in batches if batches is not None else dl.sampler:
         flat.extend(item if isinstance(item, Iterable) else [item])
     return [int(i) for i in flat[:n]]
 
 
-def gather_in_order(preds: list[Tensor], targets: list[Tensor], dl: Any) -> tuple[list[Tensor], list[Tensor]]:
+def gather_in_order(
+    preds: list[Tensor], targets: list[Tensor], dl: Any
+) -> tuple[list[Tensor], list[Tensor]]:
     """Every process's batches of `preds` and `targets`, in dataset order, on every rank.
 
     Outside a process group this returns its inputs. Samples a padded sampler repeated are kept once.
     """
     if not is_distributed():
         return preds, targets
-    local = (torch.cat(preds) if preds else None, torch.cat(targets) if targets else None)
+    local = (
+        torch.cat(preds) if preds else None,
+        torch.cat(targets) if targets else None,
+    )
     n = 0 if local[0] is None else local[0].shape[0]
     everything: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everything, (*local, _sample_indices(dl, n)))
     parts = [p for p in everything if p[0] is not None]
     if not parts:
         return [], []
-    all_preds, all_targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    all_preds, all_targets = (
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+    )
     if any(p[2] is None for p in parts):
-        log.warning("get_preds: the loader has no DistributedSampler; predictions are in rank order.")
+        log.warning(
+            "get_preds: the loader has no DistributedSampler; predictions are in rank order."
+        )
         return [all_preds], [all_targets]
     idx = torch.tensor([i for p in parts for i in p[2]])
     order = torch.argsort(idx, stable=True)
@@ -237,7 +283,9 @@ class DistributedCB(Callback):
         first = next(learn.model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         if device.type == "cuda":
-            torch.cuda.set_device(device)  # collectives and `cuda` without an index now mean this GPU
+            torch.cuda.set_device(
+                device
+            )  # collectives and `cuda` without an index now mean this GPU
         if _initialized():
             return device
         if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
@@ -249,7 +297,12 @@ class DistributedCB(Callback):
         backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend)
         atexit.register(_destroy_process_group)
-        log.info("DistributedCB started a %s process group: rank %d of %d.", backend, rank(), world_size())
+        log.info(
+            "DistributedCB started a %s process group: rank %d of %d.",
+            backend,
+            rank(),
+            world_size(),
+        )
         return device
 
     def _shared_seed(self) -> int:
@@ -264,7 +317,9 @@ class DistributedCB(Callback):
         if dl is None or _distributed_sampler(dl) is not None:
             return dl
         cached = self._shards.get(id(dl))
-        if cached is None or cached[0] is not dl:  # reuse: persistent workers survive across epochs
+        if (
+            cached is None or cached[0] is not dl
+        ):  # reuse: persistent workers survive across epochs
             cached = (dl, shard_loader(dl, training, self._shared_seed()))
             self._shards[id(dl)] = cached
         return cached[1]
@@ -272,9 +327,13 @@ class DistributedCB(Callback):
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         device = self._setup_process_group(learn)
         ids = [device.index] if device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(learn.model, device_ids=ids, **self.ddp_kwargs)
+        self.ddp = DistributedDataParallel(
+            learn.model, device_ids=ids, **self.ddp_kwargs
+        )
         self._dls = learn.dls
-        learn.dls = type(learn.dls)(self._shard(learn.dls.train, True), self._shard(learn.dls.valid, False))
+        learn.dls = type(learn.dls)(
+            self._shard(learn.dls.train, True), self._shard(learn.dls.valid, False)
+        )
 
     def before_train(self, learn: Any, epoch: int, **kwargs: Any) -> None:
         if self.ddp is not None:

@@ -70,13 +70,17 @@ class Hook(_RemovedOnExit):
 
     def remove(self) -> None:
         """Take the hook off the module (safe to call twice)."""
-        handle = getattr(self, "_handle", None)  # absent if __init__ failed; __del__ still calls this
+        handle = getattr(
+            self, "_handle", None
+        )  # absent if __init__ failed; __del__ still calls this
         if handle is not None:
             handle.remove()
             self._handle = None
 
     def __repr__(self) -> str:
-        return f"Hook({type(self.module).__name__}{', removed' if self.removed else ''})"
+        return (
+            f"Hook({type(self.module).__name__}{', removed' if self.removed else ''})"
+        )
 
 
 class Hooks(_RemovedOnExit):
@@ -142,7 +146,10 @@ class ActivationStatsCB(Callback):
     order = 0
 
     def __init__(
-        self, mod_filter: Any = None, bins: int = 40, hist_range: tuple[float, float] = (0.0, 10.0)
+        self,
+        mod_filter: Any = None,
+        bins: int = 40,
+        hist_range: tuple[float, float] = (0.0, 10.0),
     ) -> None:
         self._filter = _module_filter(mod_filter)
         self.bins, self.hist_range = bins, hist_range
@@ -151,21 +158,29 @@ class ActivationStatsCB(Callback):
         self._stats: list[dict[str, list[Any]]] = []
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        picked = [(n, m) for n, m in unwrap_model(learn.model).named_modules() if self._filter(m)]
+        picked = [
+            (n, m)
+            for n, m in unwrap_model(learn.model).named_modules()
+            if self._filter(m)
+        ]
         if not picked:
             kinds = sorted({type(m).__name__ for m in learn.model.modules()})
             raise ValueError(
                 f"ActivationStatsCB's mod_filter picked none of the model's modules ({kinds}): "
                 "pass a class the model uses, e.g. ActivationStatsCB(nn.ReLU)."
             )
-        self.names = [f"{n} {type(m).__name__}" if n else type(m).__name__ for n, m in picked]
+        self.names = [
+            f"{n} {type(m).__name__}" if n else type(m).__name__ for n, m in picked
+        ]
         self._modules = [m for _, m in picked]
         self._index = {id(m): i for i, m in enumerate(self._modules)}
         self._stats = [{"mean": [], "std": [], "hist": [], "numel": []} for _ in picked]
 
     def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._remove()
-        self.hooks = Hooks(self._modules, self._record)  # training only: removed again in after_train
+        self.hooks = Hooks(
+            self._modules, self._record
+        )  # training only: removed again in after_train
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._remove()
@@ -185,14 +200,18 @@ class ActivationStatsCB(Callback):
         acts = acts.detach().float()
         stats = self._stats[self._index[id(module)]]
         stats["mean"].append(acts.mean())
-        stats["std"].append(acts.std() if acts.numel() > 1 else torch.zeros((), device=acts.device))
+        stats["std"].append(
+            acts.std() if acts.numel() > 1 else torch.zeros((), device=acts.device)
+        )
         stats["hist"].append(acts.abs().histc(self.bins, *self.hist_range))
         stats["numel"].append(acts.numel())
 
     # ---------------------------------------------------------------- reading
     def _stacked(self, key: str) -> Tensor:
         if not self._stats or not self._stats[0]["mean"]:
-            raise ValueError("ActivationStatsCB has no statistics yet: fit with it attached first.")
+            raise ValueError(
+                "ActivationStatsCB has no statistics yet: fit with it attached first."
+            )
         return torch.stack([torch.stack(s[key]).cpu() for s in self._stats])
 
     @property
@@ -222,7 +241,9 @@ class ActivationStatsCB(Callback):
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=figsize)
-        for ax, values, title in zip(fig.subplots(1, 2), (self.means, self.stds), ("means", "stds")):
+        for ax, values, title in zip(
+            fig.subplots(1, 2), (self.means, self.stds), ("means", "stds")
+        ):
             for name, row in zip(self.names, values):
                 ax.plot(row.numpy(), label=name)
             ax.set_title(title)
@@ -242,7 +263,12 @@ class ActivationStatsCB(Callback):
         axes = fig.subplots(rows, cols, squeeze=False).flatten()
         lo, hi = self.hist_range
         for ax, name, h in zip(axes, self.names, hists):
-            ax.imshow(h.T.log1p().numpy(), origin="lower", aspect="auto", extent=(0, h.shape[0], lo, hi))
+            ax.imshow(
+                h.T.log1p().numpy(),
+                origin="lower",
+                aspect="auto",
+                extent=(0, h.shape[0], lo, hi),
+            )
             ax.set_title(name, fontsize="small")
         for ax in axes[len(self.names) :]:
             ax.set_axis_off()
@@ -260,7 +286,9 @@ class ActivationStatsCB(Callback):
         for name, row in zip(self.names, self.dead):
             ax.plot(row.numpy(), label=name)
         width = (self.hist_range[1] - self.hist_range[0]) / self.bins
-        ax.set(ylim=(0, 1), xlabel="batch", ylabel=f"share with |activation| < {width:g}")
+        ax.set(
+            ylim=(0, 1), xlabel="batch", ylabel=f"share with |activation| < {width:g}"
+        )
         ax.legend(fontsize="small")
         fig.tight_layout()
         return fig

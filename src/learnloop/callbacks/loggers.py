@@ -50,7 +50,9 @@ class CSVLoggerCB(Callback):
         self._active = is_main_process()  # under torchrun only rank 0 writes
         if not self._active:
             return
-        if learn.epoch > 0 and self.path.is_file():  # resumed: keep the rows of the epochs already done
+        if (
+            learn.epoch > 0 and self.path.is_file()
+        ):  # resumed: keep the rows of the epochs already done
             self._keep_rows_before(learn.epoch)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,11 @@ class CSVLoggerCB(Callback):
             reader = csv.DictReader(f)
             self._fields = list(reader.fieldnames or []) or None
             rows = list(reader)
-        kept = [r for r in rows if not (r.get("epoch", "").isdigit() and int(r["epoch"]) >= epoch)]
+        kept = [
+            r
+            for r in rows
+            if not (r.get("epoch", "").isdigit() and int(r["epoch"]) >= epoch)
+        ]
         if len(kept) < len(rows):
             self._write(kept, mode="w", header=True)
 
@@ -83,7 +89,9 @@ class CSVLoggerCB(Callback):
 
     def _write(self, rows: list[dict[str, Any]], mode: str, header: bool) -> None:
         with open(self.path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields, restval="", extrasaction="ignore")
+            writer = csv.DictWriter(
+                f, fieldnames=self._fields, restval="", extrasaction="ignore"
+            )
             if header:
                 writer.writeheader()
             writer.writerows(rows)
@@ -106,11 +114,15 @@ class TensorBoardCB(Callback):
 
     order = 40
 
-    def __init__(self, log_dir: PathLike | None = None, batch_loss: bool = False) -> None:
+    def __init__(
+        self, log_dir: PathLike | None = None, batch_loss: bool = False
+    ) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ImportError("TensorBoardCB needs the tensorboard package: pip install tensorboard") from e
+            raise ImportError(
+                "TensorBoardCB needs the tensorboard package: pip install tensorboard"
+            ) from e
         self._writer_cls = SummaryWriter
         self.log_dir, self.batch_loss = log_dir, batch_loss
         self.writer: Any = None
@@ -120,12 +132,19 @@ class TensorBoardCB(Callback):
         if not is_main_process():  # under torchrun only rank 0 writes
             self.writer = None
             return
-        self.writer = self._writer_cls(log_dir=None if self.log_dir is None else str(self.log_dir))
+        self.writer = self._writer_cls(
+            log_dir=None if self.log_dir is None else str(self.log_dir)
+        )
         per_epoch = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 0
         self._step = learn.epoch * per_epoch  # a resumed fit continues the batch axis
 
     def after_batch(self, learn: Any, loss: Any, **kwargs: Any) -> None:
-        if self.writer is not None and self.batch_loss and learn.training and loss is not None:
+        if (
+            self.writer is not None
+            and self.batch_loss
+            and learn.training
+            and loss is not None
+        ):
             self.writer.add_scalar("batch/train_loss", float(loss.detach()), self._step)
             self._step += 1
 

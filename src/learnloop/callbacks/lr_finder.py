@@ -84,7 +84,7 @@ class LRFindResult(float):
     smoothed: list[float]
     method: str
 
-    def __new__(
+    def __new__(  # noqa: PYI034 - typing.Self needs Python 3.11
         cls,
         value: float,
         lrs: Sequence[float] = (),
@@ -93,11 +93,19 @@ class LRFindResult(float):
         method: str = "valley",
     ) -> LRFindResult:
         self = super().__new__(cls, value)
-        self.lrs, self.losses, self.smoothed, self.method = list(lrs), list(losses), list(smoothed), method
+        self.lrs, self.losses, self.smoothed, self.method = (
+            list(lrs),
+            list(losses),
+            list(smoothed),
+            method,
+        )
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (float(self), self.lrs, self.losses, self.smoothed, self.method))
+        return (
+            type(self),
+            (float(self), self.lrs, self.losses, self.smoothed, self.method),
+        )
 
     def plot(self) -> Figure:
         """Smoothed loss against learning rate (log axis), the suggestion marked."""
@@ -108,13 +116,18 @@ class LRFindResult(float):
         ax.plot(self.lrs, self.losses, alpha=0.3, label="loss (raw)")
         ax.plot(self.lrs, self.smoothed, label="loss (smoothed)")
         lr = float(self)
-        nearest = min(range(len(self.smoothed)), key=lambda k: abs(math.log(self.lrs[k] / lr)))
+        nearest = min(
+            range(len(self.smoothed)), key=lambda k: abs(math.log(self.lrs[k] / lr))
+        )
         y = self.smoothed[nearest]
         ax.axvline(lr, color="red", linestyle="--", linewidth=1)
         ax.plot([lr], [y], "o", color="red", label=f"{self.method}: {lr:.2e}")
         finite = [v for v in self.smoothed if math.isfinite(v)]
         if finite:
-            ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), min(max(finite), 2 * abs(finite[0])) * 1.05)
+            ax.set_ylim(
+                min(finite) - 0.05 * abs(min(finite)),
+                min(max(finite), 2 * abs(finite[0])) * 1.05,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("loss")
@@ -146,7 +159,9 @@ class LRFinderCB(Callback):
         beta: float = 0.98,
     ) -> None:
         if not 0 < start_lr < end_lr:
-            raise ValueError(f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}.")
+            raise ValueError(
+                f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}."
+            )
         if num_it < 2:
             raise ValueError(f"num_it must be >= 2, got {num_it}.")
         self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
@@ -176,7 +191,9 @@ class LRFinderCB(Callback):
         self._avg = self.beta * self._avg + (1 - self.beta) * value
         smooth = self._avg / (1 - self.beta ** len(self.losses))
         self.smoothed.append(smooth)
-        if self.stop_div and (not math.isfinite(smooth) or smooth > self.div_factor * self._best):
+        if self.stop_div and (
+            not math.isfinite(smooth) or smooth > self.div_factor * self._best
+        ):
             raise CancelFitException("lr_find: the loss diverged")
         self._best = min(self._best, smooth)
 
@@ -210,7 +227,10 @@ def _snapshot(learn: Any) -> dict[str, Any]:
     model = learn.model
     tensors = {
         f"{kind}:{name}": t.detach().clone()
-        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers()))
+        for kind, named in (
+            ("p", model.named_parameters()),
+            ("b", model.named_buffers()),
+        )
         for name, t in named
         if not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
     }
@@ -234,7 +254,8 @@ def _snapshot(learn: Any) -> dict[str, Any]:
         "cb_states": {
             id(cb): copy.deepcopy(cb.state_dict())
             for cb in learn.cbs
-            if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))
+            if callable(getattr(cb, "state_dict", None))
+            and callable(getattr(cb, "load_state_dict", None))
         },
     }
 
@@ -243,7 +264,10 @@ def _restore(learn: Any, saved: dict[str, Any]) -> None:
     model = learn.model
     current = {
         f"{kind}:{name}": t
-        for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers()))
+        for kind, named in (
+            ("p", model.named_parameters()),
+            ("b", model.named_buffers()),
+        )
         for name, t in named
     }
     with torch.no_grad():
@@ -286,7 +310,9 @@ def lr_find(
     lr at the lowest loss). The result is a float with the sweep attached: `.plot()` draws it.
     """
     if suggest not in SUGGESTERS:
-        raise ValueError(f"suggest={suggest!r} is not a method; choose one of {sorted(SUGGESTERS)}.")
+        raise ValueError(
+            f"suggest={suggest!r} is not a method; choose one of {sorted(SUGGESTERS)}."
+        )
     finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
     n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
     n_epochs = math.ceil(num_it / max(n_iter, 1))

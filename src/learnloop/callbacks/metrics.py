@@ -65,7 +65,9 @@ class Accuracy:
 
 def _metric_name(metric: Any) -> str:
     name = type(metric).__name__
-    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name))
+    return "".join(
+        "_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name)
+    )
 
 
 def _batch_size(yb: Any, xb: Any) -> int:
@@ -94,7 +96,11 @@ class MetricsCB(Callback):
 
     def __init__(self, *metrics: Any, **named_metrics: Any) -> None:
         for m in (*metrics, *named_metrics.values()):
-            missing = [a for a in ("update", "compute", "reset") if not callable(getattr(m, a, None))]
+            missing = [
+                a
+                for a in ("update", "compute", "reset")
+                if not callable(getattr(m, a, None))
+            ]
             if missing:
                 raise TypeError(
                     f"{m!r} is not a metric: it lacks {', '.join(missing)}. A metric needs "
@@ -134,7 +140,9 @@ class MetricsCB(Callback):
         total, count = torch.zeros(()), torch.zeros(())
         if self._losses:
             losses = torch.stack([x.float().reshape(()) for x in self._losses])
-            counts = torch.tensor(self._counts, dtype=losses.dtype, device=losses.device)
+            counts = torch.tensor(
+                self._counts, dtype=losses.dtype, device=losses.device
+            )
             total, count = (losses * counts).sum(), counts.sum()
         # Sums and counts over every process (each rank calls this, even with an empty shard).
         total, count = sum_across_processes(total), sum_across_processes(count)
@@ -146,8 +154,13 @@ class MetricsCB(Callback):
         for name, m in self.metrics.items():
             if callable(getattr(m, "all_reduce", None)):
                 m.all_reduce(sum_across_processes)
-            elif not hasattr(m, "sync_on_compute"):  # torchmetrics syncs itself in compute()
-                log.warning("Metric %r has no all_reduce(sum_fn): it covers this process's shard only.", name)
+            elif not hasattr(
+                m, "sync_on_compute"
+            ):  # torchmetrics syncs itself in compute()
+                log.warning(
+                    "Metric %r has no all_reduce(sum_fn): it covers this process's shard only.",
+                    name,
+                )
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["train_loss"] = self._mean_loss()
@@ -157,7 +170,11 @@ class MetricsCB(Callback):
         self._sync_metrics()
         for name, m in self.metrics.items():
             value = m.compute()
-            learn.epoch_log[name] = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+            learn.epoch_log[name] = (
+                value.item()
+                if isinstance(value, Tensor) and value.numel() == 1
+                else value
+            )
 
     def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["time"] = time.perf_counter() - self._start

@@ -33,7 +33,11 @@ def in_notebook() -> bool:
 
 def _fmt(key: str, value: Any) -> str:
     if key == "time" and isinstance(value, float):
-        return f"{value:.1f}s" if value < 60 else f"{int(value // 60)}:{int(value % 60):02d}"
+        return (
+            f"{value:.1f}s"
+            if value < 60
+            else f"{int(value // 60)}:{int(value % 60):02d}"
+        )
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
@@ -62,7 +66,11 @@ class ProgressCB(Callback):
     order = 60
 
     def __init__(
-        self, plot: bool = False, file: IO[str] | None = None, bar: bool | None = None, mininterval: float = 0.2
+        self,
+        plot: bool = False,
+        file: IO[str] | None = None,
+        bar: bool | None = None,
+        mininterval: float = 0.2,
     ) -> None:
         self.plot, self.file, self.bar, self.mininterval = plot, file, bar, mininterval
         self._epoch_bar: Any = None
@@ -87,7 +95,9 @@ class ProgressCB(Callback):
         return tqdm
 
     def _setup(self) -> None:
-        self._silent = not is_main_process()  # under torchrun only rank 0 shows progress
+        self._silent = (
+            not is_main_process()
+        )  # under torchrun only rank 0 shows progress
         self._out = self.file if self.file is not None else sys.stdout
         self._notebook = in_notebook() and not self._silent
         isatty = getattr(self._out, "isatty", lambda: False)()
@@ -99,11 +109,17 @@ class ProgressCB(Callback):
         self._widths = None
         self._plot_handle = None
         if self.plot and not self._notebook:
-            log.info("ProgressCB(plot=True) draws live plots only in a notebook; use learn.recorder.plot_loss().")
+            log.info(
+                "ProgressCB(plot=True) draws live plots only in a notebook; use learn.recorder.plot_loss()."
+            )
         if self._bars:
             self._epoch_bar = self._tqdm()(
-                total=n_epochs, initial=learn.epoch if n_epochs > learn.epoch else 0,
-                desc="epoch", file=self._out, mininterval=self.mininterval, dynamic_ncols=True,
+                total=n_epochs,
+                initial=learn.epoch if n_epochs > learn.epoch else 0,
+                desc="epoch",
+                file=self._out,
+                mininterval=self.mininterval,
+                dynamic_ncols=True,
             )
 
     def _start_batches(self, learn: Any, desc: str) -> None:
@@ -113,8 +129,12 @@ class ProgressCB(Callback):
             return
         self._close_batch_bar()
         self._batch_bar = self._tqdm()(
-            total=learn.n_iter, desc=desc, leave=False, file=self._out,
-            mininterval=self.mininterval, dynamic_ncols=True,
+            total=learn.n_iter,
+            desc=desc,
+            leave=False,
+            file=self._out,
+            mininterval=self.mininterval,
+            dynamic_ncols=True,
         )
         self._last = time.monotonic()
         self._pending = 0

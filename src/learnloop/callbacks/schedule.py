@@ -72,7 +72,9 @@ class OneCycle:
         if not 0 <= pct_start <= 1:
             raise ValueError(f"pct_start must be in [0, 1], got {pct_start}.")
         if div <= 0 or div_final <= 0:
-            raise ValueError(f"div and div_final must be positive, got div={div}, div_final={div_final}.")
+            raise ValueError(
+                f"div and div_final must be positive, got div={div}, div_final={div_final}."
+            )
         if moms is not None and len(moms) != 3:
             raise ValueError(f"moms must be (start, middle, end), got {moms!r}.")
         self.opt, self.total_steps, self.pct_start = opt, total_steps, pct_start
@@ -94,7 +96,13 @@ class OneCycle:
             if pct < start:
                 out.append(cos_interp(lr_max / self.div, lr_max, pct / start))
             else:
-                out.append(cos_interp(lr_max, lr_max / self.div_final, (pct - start) / max(1 - start, 1e-12)))
+                out.append(
+                    cos_interp(
+                        lr_max,
+                        lr_max / self.div_final,
+                        (pct - start) / max(1 - start, 1e-12),
+                    )
+                )
         return out
 
     def mom_at(self, step: int) -> float | None:
@@ -104,7 +112,9 @@ class OneCycle:
         pct, start = self._pct(step), self.pct_start
         if pct < start:
             return cos_interp(self.moms[0], self.moms[1], pct / start)
-        return cos_interp(self.moms[1], self.moms[2], (pct - start) / max(1 - start, 1e-12))
+        return cos_interp(
+            self.moms[1], self.moms[2], (pct - start) / max(1 - start, 1e-12)
+        )
 
     def _set(self, step: int) -> None:
         step = min(step, self.total_steps - 1)
@@ -158,8 +168,12 @@ class _SchedCB(Callback):
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self.sched = self.sched_factory(learn.opt)
         if not callable(getattr(self.sched, "step", None)):
-            raise TypeError(f"sched_factory returned {self.sched!r}, which has no step() method.")
-        if self._loaded is not None:  # a resumed fit: continue the schedule where the checkpoint left it
+            raise TypeError(
+                f"sched_factory returned {self.sched!r}, which has no step() method."
+            )
+        if (
+            self._loaded is not None
+        ):  # a resumed fit: continue the schedule where the checkpoint left it
             self.sched.load_state_dict(self._loaded)
             self._loaded = None
         self._first = True
@@ -181,7 +195,8 @@ class _SchedCB(Callback):
             self._first = False
             with warnings.catch_warnings():
                 warnings.filterwarnings(
-                    "ignore", message=re.escape("Detected call of `lr_scheduler.step()` before")
+                    "ignore",
+                    message=re.escape("Detected call of `lr_scheduler.step()` before"),
                 )
                 self.sched.step(*args)
         else:
@@ -218,7 +233,9 @@ class EpochSchedCB(_SchedCB):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    def __init__(self, sched_factory: SchedFactory, monitor: str = "valid_loss") -> None:
+    def __init__(
+        self, sched_factory: SchedFactory, monitor: str = "valid_loss"
+    ) -> None:
         super().__init__(sched_factory)
         self.monitor = monitor
 
@@ -259,6 +276,14 @@ def fit_one_cycle(
     def factory(opt: torch.optim.Optimizer) -> OneCycle:
         # Called at before_fit, so the length is that of the loader the fit reads (a shard under DDP).
         total = max(n_epochs * len(learn.dls.train), 1)
-        return OneCycle(opt, total, lr_max, pct_start=pct_start, div=div, div_final=div_final, moms=moms)
+        return OneCycle(
+            opt,
+            total,
+            lr_max,
+            pct_start=pct_start,
+            div=div,
+            div_final=div_final,
+            moms=moms,
+        )
 
     learn.fit(n_epochs, cbs=[BatchSchedCB(factory), *(cbs or [])], **fit_kwargs)

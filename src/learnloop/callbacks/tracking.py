@@ -20,7 +20,13 @@ from ..checkpoint import PathLike, save_checkpoint
 from ..events import CancelFitException
 from .core import Callback
 
-__all__ = ["CheckpointCB", "EarlyStoppingCB", "StopReason", "TerminateOnNaNCB", "monitored_value"]
+__all__ = [
+    "CheckpointCB",
+    "EarlyStoppingCB",
+    "StopReason",
+    "TerminateOnNaNCB",
+    "monitored_value",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,9 @@ def monitored_value(learn: Any, monitor: str, who: str) -> float:
             if have
             else "the epoch log is empty: attach MetricsCB (and keep validation on for valid_* values)"
         )
-        raise ValueError(f"{who} monitors {monitor!r}, which is not in learn.epoch_log; {hint}.")
+        raise ValueError(
+            f"{who} monitors {monitor!r}, which is not in learn.epoch_log; {hint}."
+        )
     value = row[monitor]
     return float(value.item() if isinstance(value, Tensor) else value)
 
@@ -57,7 +65,12 @@ class _Monitor:
             raise ValueError(f"{who} mode must be 'min' or 'max', got {mode!r}.")
         if min_delta < 0:
             raise ValueError(f"{who} min_delta must be >= 0, got {min_delta}.")
-        self.monitor, self.mode, self.min_delta, self.who = monitor, mode, min_delta, who
+        self.monitor, self.mode, self.min_delta, self.who = (
+            monitor,
+            mode,
+            min_delta,
+            who,
+        )
         self.best = math.inf if mode == "min" else -math.inf
 
     def improved(self, value: float) -> bool:
@@ -88,15 +101,25 @@ class CheckpointCB(Callback):
     order = 30  # after MetricsCB has finished the epoch's row
 
     def __init__(
-        self, path: PathLike = "checkpoints", every: int = 1, monitor: str | None = None, mode: str = "min"
+        self,
+        path: PathLike = "checkpoints",
+        every: int = 1,
+        monitor: str | None = None,
+        mode: str = "min",
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(
                 f"CheckpointCB every must be an int >= 1 (epochs between writes), got {every!r}."
             )
         self.path, self.every = Path(path), every
-        self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB") if monitor is not None else None
-        self._due: tuple[bool, bool] | None = None  # (last, best) owed for the epoch that just ended
+        self._best = (
+            _Monitor(monitor, mode, 0.0, "CheckpointCB")
+            if monitor is not None
+            else None
+        )
+        self._due: tuple[bool, bool] | None = (
+            None  # (last, best) owed for the epoch that just ended
+        )
 
     @property
     def best(self) -> float | None:
@@ -105,7 +128,9 @@ class CheckpointCB(Callback):
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._due = None
-        if self._best is not None and learn.epoch == 0:  # a fresh fit; a resumed one keeps the loaded best
+        if (
+            self._best is not None and learn.epoch == 0
+        ):  # a fresh fit; a resumed one keeps the loaded best
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
 
     def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
@@ -115,13 +140,18 @@ class CheckpointCB(Callback):
             improved = self._best.improved(value)
             if improved:
                 self._best.best = value
-        self._due = ((epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs, improved)
+        self._due = (
+            (epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs,
+            improved,
+        )
 
     def before_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._write(learn, final=False)
 
     def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self._write(learn, final=True)  # still due only if the fit ended between two epochs
+        self._write(
+            learn, final=True
+        )  # still due only if the fit ended between two epochs
 
     def _write(self, learn: Any, final: bool) -> None:
         if self._due is None:
@@ -149,7 +179,11 @@ class CheckpointCB(Callback):
             self._best.best = float(state["best"])
 
     def __repr__(self) -> str:
-        monitor = f", monitor={self._best.monitor!r}, mode={self._best.mode!r}" if self._best else ""
+        monitor = (
+            f", monitor={self._best.monitor!r}, mode={self._best.mode!r}"
+            if self._best
+            else ""
+        )
         return f"CheckpointCB(path={str(self.path)!r}, every={self.every}{monitor})"
 
 
@@ -176,7 +210,9 @@ class EarlyStoppingCB(Callback):
         check_finite: bool = True,
     ) -> None:
         if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStoppingCB patience must be an int >= 1 (epochs), got {patience!r}.")
+            raise ValueError(
+                f"EarlyStoppingCB patience must be an int >= 1 (epochs), got {patience!r}."
+            )
         self._best = _Monitor(monitor, mode, min_delta, "EarlyStoppingCB")
         self.patience, self.check_finite = patience, check_finite
         self._reset()
@@ -201,7 +237,9 @@ class EarlyStoppingCB(Callback):
     def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
         value = monitored_value(learn, self._best.monitor, "EarlyStoppingCB")
         if self.check_finite and not math.isfinite(value):
-            self._stop(StopReason.NON_FINITE_METRIC, epoch, f"{self._best.monitor} is {value}")
+            self._stop(
+                StopReason.NON_FINITE_METRIC, epoch, f"{self._best.monitor} is {value}"
+            )
         if self._best.improved(value):
             self._best.best, self.wait = value, 0
             return
@@ -260,7 +298,10 @@ class TerminateOnNaNCB(Callback):
         if math.isfinite(value):
             return
         phase = "training" if learn.training else "validation"
-        self.stopped_at, self.stop_reason = (learn.epoch, phase, learn.iter), StopReason.NON_FINITE_LOSS
+        self.stopped_at, self.stop_reason = (
+            (learn.epoch, phase, learn.iter),
+            StopReason.NON_FINITE_LOSS,
+        )
         log.warning(
             "TerminateOnNaNCB: the loss is %s at epoch %d, %s batch %d; stopping the fit.",
             value,
@@ -268,4 +309,6 @@ class TerminateOnNaNCB(Callback):
             phase,
             learn.iter,
         )
-        raise CancelFitException(f"loss is {value} at epoch {learn.epoch}, {phase} batch {learn.iter}")
+        raise CancelFitException(
+            f"loss is {value} at epoch {learn.epoch}, {phase} batch {learn.iter}"
+        )

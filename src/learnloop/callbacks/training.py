@@ -57,7 +57,9 @@ class MixedPrecisionCB(Callback):
 
     order = 30
 
-    def __init__(self, dtype: torch.dtype | str | None = None, init_scale: float = 2.0**16) -> None:
+    def __init__(
+        self, dtype: torch.dtype | str | None = None, init_scale: float = 2.0**16
+    ) -> None:
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(
@@ -82,12 +84,18 @@ class MixedPrecisionCB(Callback):
         first = next(learn.model.parameters(), None)
         self._device_type = first.device.type if first is not None else "cpu"
         if self.dtype is None:
-            self._dtype = torch.float16 if self._device_type == "cuda" else torch.bfloat16
+            self._dtype = (
+                torch.float16 if self._device_type == "cuda" else torch.bfloat16
+            )
         else:
             self._dtype = self.dtype
         if self._dtype == torch.float16 and self.scaler is None:
-            self.scaler = torch.amp.GradScaler(self._device_type, init_scale=self.init_scale)
-        if self.scaler is not None and self._loaded:  # state from a checkpoint, loaded before the fit
+            self.scaler = torch.amp.GradScaler(
+                self._device_type, init_scale=self.init_scale
+            )
+        if (
+            self.scaler is not None and self._loaded
+        ):  # state from a checkpoint, loaded before the fit
             self.scaler.load_state_dict(self._loaded)
         self._loaded = None
 
@@ -95,7 +103,9 @@ class MixedPrecisionCB(Callback):
         self._setup(learn)
         self.skipped_steps, self.skipped_per_epoch = 0, []
         self._hook = (
-            learn.opt.register_step_post_hook(self._mark_stepped) if self.scaler is not None else None
+            learn.opt.register_step_post_hook(self._mark_stepped)
+            if self.scaler is not None
+            else None
         )
 
     def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
@@ -122,7 +132,9 @@ class MixedPrecisionCB(Callback):
 
     def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         if self.scaler is not None:
-            self.scaler.unscale_(learn.opt)  # so that clipping (GradClipCB) sees the true gradients
+            self.scaler.unscale_(
+                learn.opt
+            )  # so that clipping (GradClipCB) sees the true gradients
 
     def _mark_stepped(self, *args: Any) -> None:
         self._stepped = True
@@ -170,7 +182,11 @@ class MixedPrecisionCB(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The GradScaler's state (empty without one, or the loaded state it will get)."""
-        return self.scaler.state_dict() if self.scaler is not None else dict(self._loaded or {})
+        return (
+            self.scaler.state_dict()
+            if self.scaler is not None
+            else dict(self._loaded or {})
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the GradScaler's state (kept until the fit makes the scaler, if it has not yet)."""
@@ -199,7 +215,9 @@ class GradAccumCB(Callback):
 
     def __init__(self, n_acc: int) -> None:
         if not isinstance(n_acc, int) or n_acc < 1:
-            raise ValueError(f"GradAccumCB(n_acc={n_acc!r}): n_acc must be an int >= 1.")
+            raise ValueError(
+                f"GradAccumCB(n_acc={n_acc!r}): n_acc must be an int >= 1."
+            )
         self.n_acc = n_acc
         self._loss: Any = None
 
@@ -217,7 +235,10 @@ class GradAccumCB(Callback):
 
     def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         if self._loss is not None:
-            learn.loss, self._loss = self._loss, None  # after_batch shows the batch's own loss
+            learn.loss, self._loss = (
+                self._loss,
+                None,
+            )  # after_batch shows the batch's own loss
         if not self._group(learn)[1]:
             raise CancelBatchException()  # keep the gradients: no unscale, clip, step or zero_grad
 
@@ -242,7 +263,9 @@ class GradClipCB(Callback):
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         if max_norm <= 0:
-            raise ValueError(f"GradClipCB(max_norm={max_norm}): max_norm must be positive.")
+            raise ValueError(
+                f"GradClipCB(max_norm={max_norm}): max_norm must be positive."
+            )
         self.max_norm, self.norm_type = max_norm, norm_type
         self._norms: list[Tensor] = []
         self._floats: list[float] = []
@@ -251,7 +274,9 @@ class GradClipCB(Callback):
         self._norms, self._floats = [], []
 
     def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
+        norm = torch.nn.utils.clip_grad_norm_(
+            learn.model.parameters(), self.max_norm, self.norm_type
+        )
         self._norms.append(norm.detach())
 
     @property

@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 from .hf import returned_none
 
@@ -103,7 +109,9 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     columns = [k for k, f in ds.features.items() if isinstance(f, Image)]
     if not columns or len(ds) == 0:
         return ds
-    raw = ds.with_format(None)  # map's function must see raw {'bytes', 'path'} dicts, not formatted ones
+    raw = ds.with_format(
+        None
+    )  # map's function must see raw {'bytes', 'path'} dicts, not formatted ones
     for col in columns:
         raw = raw.cast_column(col, Image(decode=False))
     first = raw[0]
@@ -115,7 +123,8 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     in_memory = not ds.cache_files
     if in_memory:
         log.info(
-            "decode_images: the dataset has no cache files, so its %d images are decoded in memory.", len(ds)
+            "decode_images: the dataset has no cache files, so its %d images are decoded in memory.",
+            len(ds),
         )
     return raw.map(
         _decode_batch,
@@ -135,7 +144,10 @@ def _column_tensor(ds: Any, table: Any, name: str) -> Tensor:
     from datasets import Array2D, Array3D, Array4D, Array5D
 
     feature, col = ds.features[name], table.column(name)
-    if isinstance(feature, (Array2D, Array3D, Array4D, Array5D)) and None not in feature.shape:
+    if (
+        isinstance(feature, (Array2D, Array3D, Array4D, Array5D))
+        and None not in feature.shape
+    ):
         values = []
         for chunk in col.chunks:
             flat = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
@@ -144,7 +156,11 @@ def _column_tensor(ds: Any, table: Any, name: str) -> Tensor:
             values.append(flat.to_numpy(zero_copy_only=False))
         data = np.concatenate(values) if values else np.empty(0, dtype=feature.dtype)
         return torch.from_numpy(data.reshape(len(table), *feature.shape))
-    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+    if (
+        pa.types.is_integer(col.type)
+        or pa.types.is_floating(col.type)
+        or pa.types.is_boolean(col.type)
+    ):
         return torch.from_numpy(col.to_numpy().copy())
     data = np.asarray(ds.with_format("numpy", columns=[name])[:][name])
     if data.dtype == object or data.dtype.kind in "USO":
@@ -176,15 +192,22 @@ class BatchedDataset(Dataset):
     ) -> None:
         lengths = {name: len(t) for name, t in columns.items()}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"BatchedDataset columns must have one length, got {lengths}.")
+            raise ValueError(
+                f"BatchedDataset columns must have one length, got {lengths}."
+            )
         self.columns = dict(columns)
-        self.tfms: list[BatchTfm] = list(tfms) if isinstance(tfms, Iterable) else [tfms] if tfms else []
+        self.tfms: list[BatchTfm] = (
+            list(tfms) if isinstance(tfms, Iterable) else [tfms] if tfms else []
+        )
         self.features = features
         self._len = next(iter(lengths.values()), 0)
 
     @classmethod
     def from_hf(
-        cls, ds: Any, tfms: Sequence[BatchTfm] | BatchTfm | None = None, num_proc: int | None = None
+        cls,
+        ds: Any,
+        tfms: Sequence[BatchTfm] | BatchTfm | None = None,
+        num_proc: int | None = None,
     ) -> BatchedDataset:
         """Decode `ds`'s images once (see `decode_images`) and hold its columns as tensors."""
         if ds.format.get("type") == "custom":
@@ -195,7 +218,9 @@ class BatchedDataset(Dataset):
             )
         decoded = decode_images(ds, num_proc=num_proc)
         table = decoded.with_format("arrow")[:]
-        columns = {name: _column_tensor(decoded, table, name) for name in decoded.features}
+        columns = {
+            name: _column_tensor(decoded, table, name) for name in decoded.features
+        }
         return cls(columns, tfms, features=decoded.features)
 
     def __len__(self) -> int:
@@ -228,7 +253,11 @@ def _as_is(batch: Any) -> Any:
 
 
 def batched_loader(
-    ds: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False, **dl_kwargs: Any
+    ds: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    **dl_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader that asks `ds` for whole batches: a `BatchSampler` as sampler and `batch_size=None`."""
     if batch_size < 1:
@@ -236,4 +265,6 @@ def batched_loader(
     generator = dl_kwargs.get("generator")
     base = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
     sampler = BatchSampler(base, batch_size, drop_last)
-    return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is, **dl_kwargs)
+    return DataLoader(
+        ds, sampler=sampler, batch_size=None, collate_fn=_as_is, **dl_kwargs
+    )

@@ -30,8 +30,15 @@ def load_digits(test_size: float = 0.2, seed: int = 42) -> DatasetDict:
         arrays = np.load(f)
         images, labels = arrays["images"], arrays["labels"]
     features = Features(
-        {"image": Array2D(shape=(8, 8), dtype="uint8"), "label": ClassLabel(names=[str(i) for i in range(10)])}
+        {
+            "image": Array2D(shape=(8, 8), dtype="uint8"),
+            "label": ClassLabel(names=[str(i) for i in range(10)]),
+        }
     )
-    ds = Dataset.from_dict({"image": images, "label": labels.astype("int64")}, features=features)
-    split = ds.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+    ds = Dataset.from_dict(
+        {"image": images, "label": labels.astype("int64")}, features=features
+    )
+    split = ds.train_test_split(
+        test_size=test_size, seed=seed, stratify_by_column="label"
+    )
     return DatasetDict(train=split["train"], test=split["test"])

@@ -65,7 +65,9 @@ def check_transform(ds: Any) -> Any:
         return out
 
     checked._learnloop_checked = True  # type: ignore[attr-defined]
-    return ds.with_transform(checked, columns=fmt["columns"], output_all_columns=fmt["output_all_columns"])
+    return ds.with_transform(
+        checked, columns=fmt["columns"], output_all_columns=fmt["output_all_columns"]
+    )
 
 
 def _shape(v: Any) -> tuple[int, ...] | None:
@@ -110,14 +112,18 @@ def collate_dict(
     """
     if columns is None:
         if ds is None or not hasattr(ds, "features"):
-            raise TypeError("collate_dict needs a Hugging Face dataset (for its features) or columns=[...].")
+            raise TypeError(
+                "collate_dict needs a Hugging Face dataset (for its features) or columns=[...]."
+            )
         columns = list(ds.features)
     keys = list(columns)
 
     def _collate(rows: list[Any]) -> tuple[Any, ...]:
         if not rows or not isinstance(rows[0], Mapping):
             got = "no rows" if not rows else f"a {type(rows[0]).__name__}"
-            raise TypeError(f"collate_dict expects dict rows (Hugging Face dataset items), got {got}.")
+            raise TypeError(
+                f"collate_dict expects dict rows (Hugging Face dataset items), got {got}."
+            )
         for key in keys:
             if key not in rows[0] or not all(key in r for r in rows):
                 i = next(i for i, r in enumerate(rows) if key not in r)

@@ -30,7 +30,9 @@ class DataLoaders:
         (2, 1)
     """
 
-    def __init__(self, train: Iterable[Any], valid: Iterable[Any] | None = None) -> None:
+    def __init__(
+        self, train: Iterable[Any], valid: Iterable[Any] | None = None
+    ) -> None:
         for name, dl in (("train", train), ("valid", valid)):
             if dl is not None and not isinstance(dl, Iterable):
                 raise TypeError(
@@ -68,7 +70,9 @@ class DataLoaders:
             collate_fn=collate_fn,
             **dl_kwargs,
         )
-        valid = DataLoader(valid_ds, batch_size=batch_size * 2, collate_fn=collate_fn, **dl_kwargs)
+        valid = DataLoader(
+            valid_ds, batch_size=batch_size * 2, collate_fn=collate_fn, **dl_kwargs
+        )
         return cls(train, valid)
 
     @classmethod
@@ -102,8 +106,14 @@ class DataLoaders:
         """
         names = list(dd.keys()) if hasattr(dd, "keys") else None
         if names is None:
-            raise TypeError(f"from_dd needs a DatasetDict (splits by name), got {type(dd).__name__}.")
-        valid = valid if valid is not None else next((s for s in VALID_SPLITS if s in names), None)
+            raise TypeError(
+                f"from_dd needs a DatasetDict (splits by name), got {type(dd).__name__}."
+            )
+        valid = (
+            valid
+            if valid is not None
+            else next((s for s in VALID_SPLITS if s in names), None)
+        )
         if valid is None:
             raise ValueError(
                 f"No validation split: the DatasetDict has splits {names}; name one with valid=..., "
@@ -111,14 +121,20 @@ class DataLoaders:
             )
         for split in (train, valid):
             if split not in names:
-                raise KeyError(f"No split named {split!r}: the DatasetDict has splits {names}.")
+                raise KeyError(
+                    f"No split named {split!r}: the DatasetDict has splits {names}."
+                )
         if not batched:
             if batch_tfms is not None:
                 raise ValueError(
                     "batch_tfms needs batched=True; per item, use dd.with_transform(...) instead."
                 )
-            collate_fn = collate_fn if collate_fn is not None else collate_dict(dd[train])
-            return cls.from_datasets(dd[train], dd[valid], batch_size, collate_fn, **dl_kwargs)
+            collate_fn = (
+                collate_fn if collate_fn is not None else collate_dict(dd[train])
+            )
+            return cls.from_datasets(
+                dd[train], dd[valid], batch_size, collate_fn, **dl_kwargs
+            )
         if collate_fn is not None:
             raise ValueError(
                 "collate_fn and batched=True are mutually exclusive: the batched path yields tuples of "
@@ -126,14 +142,24 @@ class DataLoaders:
             )
         from .batched import BatchedDataset, batched_loader
 
-        tfms = list(batch_tfms) if isinstance(batch_tfms, Iterable) else [batch_tfms] if batch_tfms else []
+        tfms = (
+            list(batch_tfms)
+            if isinstance(batch_tfms, Iterable)
+            else [batch_tfms]
+            if batch_tfms
+            else []
+        )
         train_ds = BatchedDataset.from_hf(dd[train], tfms, num_proc=num_proc)
         valid_ds = BatchedDataset.from_hf(
-            dd[valid], [t for t in tfms if not getattr(t, "train_only", False)], num_proc
+            dd[valid],
+            [t for t in tfms if not getattr(t, "train_only", False)],
+            num_proc,
         )
         drop_last = dl_kwargs.pop("drop_last", False)
         return cls(
-            batched_loader(train_ds, batch_size, shuffle=True, drop_last=drop_last, **dl_kwargs),
+            batched_loader(
+                train_ds, batch_size, shuffle=True, drop_last=drop_last, **dl_kwargs
+            ),
             batched_loader(valid_ds, batch_size * 2, **dl_kwargs),
         )
 
@@ -143,11 +169,17 @@ class DataLoaders:
 
         batch = next(iter(self.train))
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(f"show_batch needs (images, labels) batches, got {type(batch).__name__}.")
+            raise TypeError(
+                f"show_batch needs (images, labels) batches, got {type(batch).__name__}."
+            )
         x, y = batch[0][:n], batch[1][:n]
-        names = class_names(getattr(getattr(self.train, "dataset", None), "features", None))
+        names = class_names(
+            getattr(getattr(self.train, "dataset", None), "features", None)
+        )
         labels = y.tolist() if hasattr(y, "tolist") else list(y)
-        titles = [names[int(v)] if names and float(v).is_integer() else str(v) for v in labels]
+        titles = [
+            names[int(v)] if names and float(v).is_integer() else str(v) for v in labels
+        ]
         show_images(x, titles=titles, **kwargs)
 
     def __repr__(self) -> str:

@@ -120,5 +120,7 @@ def show_images(
     """Show images `ims` in a grid, each with its title from `titles`."""
     ims = list(ims)
     axs = get_grid(len(ims), nrows, ncols, **kwargs)[1].flat
-    for im, title, ax in zip_longest(ims, list(titles or [])[: len(ims)], axs[: len(ims)]):
+    for im, title, ax in zip_longest(
+        ims, list(titles or [])[: len(ims)], axs[: len(ims)]
+    ):
         show_image(im, ax=ax, title=title)

@@ -83,10 +83,20 @@ def load_local(path: str | Path, cache_dir: str | None = None) -> DatasetDict:
     if not p.exists():
         raise FileNotFoundError(f"No such file or folder: {str(p)!r}.")
     if p.is_file():
-        kind = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+        kind = {
+            ".parquet": "parquet",
+            ".arrow": "arrow",
+            ".csv": "csv",
+            ".json": "json",
+            ".jsonl": "json",
+        }
         if p.suffix.lower() not in kind:
-            raise ValueError(f"Cannot load {p.name!r}: expected one of {', '.join(kind)} files.")
-        return load_dataset(kind[p.suffix.lower()], data_files={"train": str(p)}, cache_dir=cache_dir)
+            raise ValueError(
+                f"Cannot load {p.name!r}: expected one of {', '.join(kind)} files."
+            )
+        return load_dataset(
+            kind[p.suffix.lower()], data_files={"train": str(p)}, cache_dir=cache_dir
+        )
     if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
         loaded = load_from_disk(str(p))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)

@@ -16,7 +16,9 @@ __all__ = ["Normalize", "RandomCrop", "RandomFlip"]
 
 def _per_channel(v: float | Sequence[float]) -> Tensor:
     t = torch.as_tensor(v, dtype=torch.float32)
-    return t.reshape(1, -1, 1, 1) if t.numel() > 1 else t.reshape(())  # one value: any layout
+    return (
+        t.reshape(1, -1, 1, 1) if t.numel() > 1 else t.reshape(())
+    )  # one value: any layout
 
 
 class Normalize:
@@ -31,7 +33,10 @@ class Normalize:
     train_only = False
 
     def __init__(
-        self, mean: float | Sequence[float], std: float | Sequence[float], key: str = "image"
+        self,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        key: str = "image",
     ) -> None:
         self.mean, self.std, self.key = _per_channel(mean), _per_channel(std), key
         if (self.std <= 0).any():
