@@ -206,6 +206,28 @@ class TestCancel:
         assert expected in windows, events
         assert events[-1] == "after_fit"
 
+    def test_cancel_batch_in_validation(self):
+        """A validation batch cancelled after predict fires after_cancel_batch, after_batch, after_validate."""
+
+        class CancelValid(Callback):
+            def after_pred(self, learn, *args, **kwargs):
+                if not learn.training:
+                    raise CancelBatchException()
+
+        cb = recorder()
+        tiny_learner([cb, CancelValid()]).fit(1)
+        start = cb.events.index("before_validate")
+        assert cb.events[start:] == [
+            "before_validate",
+            "before_batch",
+            "after_pred",
+            "after_cancel_batch",
+            "after_batch",
+            "after_validate",
+            "after_epoch",
+            "after_fit",
+        ]
+
     def test_cancel_step_keeps_weights(self):
         """A step cancelled on every batch leaves the weights untouched."""
         cb = recorder(trigger="before_step", exc=CancelStepException(), times=10**6)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["main", "train"]
+__all__ = ["build", "main", "run", "train"]
 
 
 def _columns(ds: Any) -> tuple[str, str]:
@@ -58,18 +59,10 @@ class _ToXY:
         }
 
 
-def train(
-    data: str = "digits",
-    model: str = "cnn",
-    epochs: int = 10,
-    lr: float = 3e-3,
-    bs: int = 64,
-    out: str = "learnloop-run",
-    threads: int | None = 1,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
-    from .callbacks.distributed import is_main_process
+def build(
+    data: str = "digits", model: str = "cnn", lr: float = 3e-3, bs: int = 64
+) -> tuple[Any, nn.Module]:
+    """Load `data`, make its batched DataLoaders and `model`; return the Learner and the model."""
     from .callbacks.metrics import Accuracy, MetricsCB
     from .data.loaders import DataLoaders
     from .data.sources import load_data
@@ -79,9 +72,6 @@ def train(
 
     if model not in MODELS:
         raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
     dd = load_data(data)
     if "train" not in dd:
         raise ValueError(f"{data!r} needs a 'train' split; it has splits {list(dd)}.")
@@ -98,6 +88,13 @@ def train(
     learn = Learner(
         net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())]
     )
+    return learn, net
+
+
+def run(learn: Any, net: nn.Module, epochs: int, out: str) -> dict[str, Any]:
+    """Fit for `epochs`; on rank 0 print the accuracy and write `loss.png` and `model.pt` to `out`."""
+    from .callbacks.distributed import is_main_process
+
     learn.fit(epochs)
     row = dict(learn.epoch_log)
     if not is_main_process():  # under torchrun, rank 0 reports and writes the files
@@ -109,6 +106,27 @@ def train(
     torch.save(net.state_dict(), out_dir / "model.pt")
     print(f"wrote {out_dir / 'loss.png'} and {out_dir / 'model.pt'}")
     return row
+
+
+def train(
+    data: str = "digits",
+    model: str = "cnn",
+    epochs: int = 10,
+    lr: float = 3e-3,
+    bs: int = 64,
+    out: str = "learnloop-run",
+    threads: int | None = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
+    _setup(threads, seed)
+    return run(*build(data, model, lr, bs), epochs, out)
+
+
+def _setup(threads: int | None, seed: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,23 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.bs < 1 or args.lr <= 0:
         parser.error("--epochs and --bs must be at least 1 and --lr positive")
-    try:
-        train(
-            args.data,
-            args.model,
-            args.epochs,
-            args.lr,
-            args.bs,
-            args.out,
-            args.threads or None,
-            args.seed,
-        )
+    _setup(args.threads or None, args.seed)
+    try:  # bad input gets one line; an error inside the fit keeps its traceback and notes
+        learn, net = build(args.data, args.model, args.lr, args.bs)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(
             f"learnloop: error: {e.args[0] if isinstance(e, KeyError) else e}",
             file=sys.stderr,
         )
         return 2
+    run(learn, net, args.epochs, args.out)
     return 0
 
 

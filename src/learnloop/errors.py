@@ -10,15 +10,19 @@ from torch import Tensor
 __all__ = ["add_note", "check_not_empty", "describe"]
 
 
-def add_note(e: BaseException, note: str) -> None:
-    """Attach `note` to `e` once (shown under the traceback on Python >= 3.11)."""
-    if getattr(e, "_learnloop_noted", False):
+def add_note(e: BaseException, note: str, once: bool = True) -> None:
+    """Attach `note` to `e` (shown under the traceback on Python >= 3.11).
+
+    With `once`, only the first such note sticks: the innermost place an error was raised in.
+    """
+    if once and getattr(e, "_learnloop_noted", False):
         return
     if sys.version_info >= (3, 11):
         e.add_note(note)
     else:  # pragma: no cover - 3.10 has no add_note; keep the text where tools look for it
         e.__notes__ = [*getattr(e, "__notes__", []), note]  # type: ignore[attr-defined]
-    e._learnloop_noted = True  # type: ignore[attr-defined]
+    if once:
+        e._learnloop_noted = True  # type: ignore[attr-defined]
 
 
 def describe(x: Any) -> str:

@@ -74,7 +74,7 @@ EVENT_CONTEXT: dict[str, tuple[str, ...]] = {
     "after_train": ("epoch",),
     "before_validate": ("epoch",),
     "after_validate": ("epoch",),
-    "before_batch": ("iter", "batch"),
+    "before_batch": ("iter",),  # the batch is learn.batch: callbacks may replace it
     "after_pred": ("preds",),
     "after_loss": ("loss",),
     "before_backward": ("loss",),

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .callbacks.core import Callback, check_callback, dispatch_table, sort_callbacks
+from .callbacks.core import (
+    Callback,
+    check_callback,
+    dispatch_table,
+    displaced,
+    sort_callbacks,
+)
 from .callbacks.gather import GatherPredsCB
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
@@ -117,16 +124,18 @@ class Learner:
         for cb in user_cbs:
             check_callback(cb)
         defaults = _default_callbacks() if default_cbs else []
-        kept = [
-            d for d in defaults if not any(isinstance(cb, type(d)) for cb in user_cbs)
-        ]
-        self.add_cbs(*kept, *user_cbs)
+        replaced = displaced(defaults, user_cbs)
+        self.add_cbs(*[d for d in defaults if d not in replaced], *user_cbs)
 
     # ---------------------------------------------------------------- callbacks
     def add_cbs(self, *cbs: Any) -> Learner:
         """Attach callbacks (checked first: instances, hook names, hook signatures)."""
-        for cb in cbs:
+        for i, cb in enumerate(cbs):
             check_callback(cb)
+            if any(cb is c for c in [*self.cbs, *cbs[:i]]):
+                raise ValueError(
+                    f"{cb!r} is already attached to this Learner: attach each callback once."
+                )
         self.cbs = sort_callbacks([*self.cbs, *cbs])
         self._table = dispatch_table(self.cbs)
         return self
@@ -179,6 +188,50 @@ class Learner:
                 )
                 raise
 
+    def _fire_cleanup(
+        self, event: str, failure: BaseException | None, **context: Any
+    ) -> None:
+        """Call every hook of a cleanup event, even after one raises, so each gets to clean up.
+
+        While `failure` propagates, a hook's error is logged and noted on it (the original error
+        stays the one the user sees); otherwise the first hook error is raised at the end.
+        """
+        first: Exception | None = None
+        for cb, hook in self._table.get(event, ()):
+            try:
+                hook(self, **context)
+            except Exception as e:
+                where = f"{type(cb).__name__}.{event} ({self._where()})"
+                add_note(e, f"learnloop: raised in {where}.")
+                if failure is None:
+                    first = first or e
+                else:
+                    log.error("%s raised during cleanup", where, exc_info=e)
+                    add_note(
+                        failure,
+                        f"learnloop: then {where} also raised {e!r}.",
+                        once=False,
+                    )
+        if first is not None:
+            raise first
+
+    @contextmanager
+    def _attached(self, extra: list[Any]) -> Iterator[None]:
+        """Attach `extra` for one run (replacing attached `unique` ones of its kind), then restore."""
+        hidden = displaced(self.cbs, extra)
+        if hidden:
+            self.remove_cbs(*hidden)
+        try:
+            self.add_cbs(*extra)
+        except Exception:
+            self.add_cbs(*hidden)
+            raise
+        try:
+            yield
+        finally:
+            self.remove_cbs(*extra)
+            self.add_cbs(*hidden)
+
     def _where(self) -> str:
         phase = "training" if self.training else "validation"
         return f"epoch {self.epoch}, {phase} batch {self.iter}"
@@ -228,9 +281,7 @@ class Learner:
             raise ValueError(f"lr must be positive, got {lr}.")
         if train:
             check_not_empty(self.dls.train, "train")
-        extra = list(cbs or [])
-        self.add_cbs(*extra)
-        try:
+        with self._attached(list(cbs or [])):
             start = 0
             if resume is not None:
                 if (
@@ -251,9 +302,6 @@ class Learner:
             self._prepare_opt(lr)
             self.n_epochs = n_epochs
             self._run_fit(n_epochs, train, valid and self.dls.valid is not None, start)
-        finally:
-            if extra:
-                self.remove_cbs(*extra)
 
     def fit_one_cycle(
         self,
@@ -292,6 +340,7 @@ class Learner:
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
         # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.
         self.epoch = self.epochs_done = start
+        failure: BaseException | None = None
         try:
             self._fire("before_fit", n_epochs=n_epochs)
             for epoch in range(start, n_epochs):
@@ -307,8 +356,13 @@ class Learner:
                 f"{type(e).__name__} was raised outside the level it cancels ({self._where()}); "
                 "raise it from a hook of that level (see learnloop.events)."
             ) from e
+        except BaseException as e:
+            failure = e
+            raise
         finally:
-            self._fire("after_fit", n_epochs=n_epochs)
+            self._fire_cleanup("after_fit", failure, n_epochs=n_epochs)
+            # Drop the last batch, its graph and activations: nothing should outlive the fit.
+            self.batch = self.xb = self.yb = self.preds = self.loss = None
 
     def _run_level(self, level: str, body: Callable[[], None], **context: Any) -> None:
         """before_<level>, body, after_<level>; the level's Cancel exception skips to after_cancel_<level>."""
@@ -352,9 +406,10 @@ class Learner:
 
     def _one_batch(self, i: int, batch: Any) -> None:
         self.iter, self.batch = i, batch
+        self.preds = self.loss = None  # a cancelled batch must not show the last one's
         fire = self._fire
         try:
-            fire("before_batch", iter=i, batch=batch)
+            fire("before_batch", iter=i)
             self._split_batch(self.batch)
             self._guarded(self.predict, "the model's forward pass (predict)")
             fire("after_pred", preds=self.preds)
@@ -434,9 +489,7 @@ class Learner:
         Only the validation events fire (before_validate ... after_validate); the result is
         what the metrics callback logged, e.g. `{'valid_loss': 0.31, 'accuracy': 0.9}`.
         """
-        self.epoch_log = {}
-        self._evaluate(dl, list(cbs or []))
-        return dict(self.epoch_log)
+        return self._evaluate(dl, list(cbs or []))
 
     def get_preds(
         self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None
@@ -446,16 +499,28 @@ class Learner:
         self._evaluate(dl, [gather, *(cbs or [])])
         return gather.result()
 
-    def _evaluate(self, dl: Iterable[Any] | None, extra: list[Any]) -> None:
+    def _evaluate(self, dl: Iterable[Any] | None, extra: list[Any]) -> dict[str, Any]:
+        """One validation phase over `dl`; returns its log and leaves `epoch_log` as it was."""
         dl = self.dls.valid if dl is None else dl
         if dl is None:
             raise ValueError("No data to evaluate: dls.valid is None; pass dl=... .")
-        self.add_cbs(*extra)
+        saved, self.epoch_log = self.epoch_log, {}
         try:
-            self._one_phase(dl, training=False)
+            with self._attached(extra):
+                try:
+                    self._one_phase(dl, training=False)
+                except CancelException as e:  # any cancel ends an evaluation, cleanly
+                    self._fire("after_cancel_validate", exception=e)
+                    self._fire("after_validate", epoch=self.epoch)
+                except (
+                    BaseException
+                ) as e:  # autocast contexts, bars: clean up, then raise
+                    self._fire_cleanup("after_validate", e, epoch=self.epoch)
+                    raise
+            return dict(self.epoch_log)
         finally:
-            if extra:
-                self.remove_cbs(*extra)
+            self.epoch_log = saved
+            self.batch = self.xb = self.yb = self.preds = self.loss = None
 
     def __repr__(self) -> str:
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"

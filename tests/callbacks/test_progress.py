@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 from helpers import make_data
 from torch import nn
@@ -90,10 +91,8 @@ def test_bars_closed_after_error():
     cb = Boom(file=FakeTTY())
     dls = DataLoaders(DataLoader(make_data(32), batch_size=8), None)
     learn = Learner(nn.Linear(4, 3), dls, cbs=[cb])
-    try:
+    with pytest.raises(RuntimeError, match="boom"):
         learn.fit(1)
-    except RuntimeError:
-        pass
     assert cb._epoch_bar is None and cb._batch_bar is None
 
 

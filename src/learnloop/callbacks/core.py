@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..events import EVENT_CONTEXT, EVENTS
 
-__all__ = ["Callback", "check_callback", "dispatch_table", "sort_callbacks"]
-
-_PREFIXES = ("before", "after")
+__all__ = [
+    "Callback",
+    "check_callback",
+    "dispatch_table",
+    "displaced",
+    "sort_callbacks",
+]
 
 
 def _squash(name: str) -> str:
@@ -41,9 +46,11 @@ class Callback:
     """
 
     order: int = 0
-    run_in_lr_find: bool = (
-        True  # False: `learn.lr_find` detaches this callback during its sweep
-    )
+    #: False: `learn.lr_find` detaches this callback during its sweep.
+    run_in_lr_find: bool = True
+    #: True: one callback of this kind at a time; a new one (at construction, or in
+    #: `fit(cbs=...)` for that fit) replaces the attached one, as the defaults are replaced.
+    unique: bool = False
 
     @property
     def name(self) -> str:
@@ -54,18 +61,51 @@ class Callback:
         return f"{self.name}(order={self.order})"
 
 
+# Hook names from fastai v1 (begin_*), Lightning (on_*_start/end, on_before_*) and Keras
+# (on_*_begin/end), translated to ours so that a user's habit gets a "did you mean".
+_FOREIGN_PARTS = {
+    "train_batch": "batch",
+    "validation_batch": "batch",
+    "train_epoch": "epoch",
+    "validation_epoch": "validate",
+    "validation": "validate",
+    "optimizer_step": "step",
+}
+
+
+def _translate(name: str) -> str:
+    n = name.lower()
+    if n.startswith("begin_"):
+        return "before_" + _FOREIGN_PARTS.get(n[6:], n[6:])
+    m = re.fullmatch(r"on_(before|after)_(.+)", n)
+    if m:
+        return f"{m[1]}_{_FOREIGN_PARTS.get(m[2], m[2])}"
+    m = re.fullmatch(r"on_(.+)_(start|begin|end)", n)
+    if m:
+        when = "after" if m[2] == "end" else "before"
+        return f"{when}_{_FOREIGN_PARTS.get(m[1], m[1])}"
+    return n
+
+
 def _nearest_event(name: str) -> str | None:
     """The event `name` most likely meant, or None if it looks like no event."""
-    squashed = _squash(name)
-    if squashed in _SQUASHED:
-        return _SQUASHED[squashed]
-    close = difflib.get_close_matches(squashed, list(_SQUASHED), n=1, cutoff=0.8)
-    if close:
-        return _SQUASHED[close[0]]
-    if name.lower().startswith(_PREFIXES):
-        close = difflib.get_close_matches(squashed, list(_SQUASHED), n=1, cutoff=0.5)
-        return _SQUASHED[close[0]] if close else EVENTS[0]
+    for candidate in dict.fromkeys([_squash(name), _squash(_translate(name))]):
+        if candidate in _SQUASHED:
+            return _SQUASHED[candidate]
+        close = difflib.get_close_matches(candidate, list(_SQUASHED), n=1, cutoff=0.8)
+        if close:
+            return _SQUASHED[close[0]]
     return None
+
+
+def displaced(attached: Iterable[Any], incoming: Iterable[Any]) -> list[Any]:
+    """The `unique` callbacks among `attached` that one of `incoming` replaces (same kind or a subclass)."""
+    incoming = list(incoming)
+    return [
+        c
+        for c in attached
+        if getattr(c, "unique", False) and any(isinstance(x, type(c)) for x in incoming)
+    ]
 
 
 def _check_signature(cb: Any, event: str) -> None:

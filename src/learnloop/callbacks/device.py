@@ -10,7 +10,7 @@ import torch
 
 from .core import Callback
 
-__all__ = ["DeviceCB", "default_device", "to_device"]
+__all__ = ["DeviceCB", "default_device", "move_optimizer_state", "to_device"]
 
 
 def default_device() -> torch.device:
@@ -48,6 +48,19 @@ def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
     return obj
 
 
+def move_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Put each parameter's optimizer state (momenta, ...) on that parameter's device."""
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            # Adam keeps `step` on the CPU on purpose unless capturable/fused: leave scalars be.
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() > 0
+                and value.device != p.device
+            ):
+                state[key] = value.to(p.device, non_blocking=True)
+
+
 class DeviceCB(Callback):
     """Move the model to `device` (default: cuda, then mps, then cpu) and each batch with it.
 
@@ -56,6 +69,10 @@ class DeviceCB(Callback):
     Example:
         >>> learn = Learner(model, dls, cbs=[DeviceCB("cpu")])  # doctest: +SKIP
     """
+
+    unique = (
+        True  # a DeviceCB passed to the Learner or to fit replaces the attached one
+    )
 
     order = -20
 
@@ -66,6 +83,10 @@ class DeviceCB(Callback):
         first = next(learn.model.parameters(), None)
         if first is None or first.device != self.device:
             learn.model.to(self.device)
+            if (
+                learn.opt is not None
+            ):  # e.g. state loaded from a checkpoint onto the CPU
+                move_optimizer_state(learn.opt)
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._place_model(learn)

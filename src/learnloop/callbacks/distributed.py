@@ -269,6 +269,8 @@ class DistributedCB(Callback):
         >>> learn = Learner(model, dls, cbs=[DistributedCB(find_unused_parameters=True)])  # doctest: +SKIP
     """
 
+    unique = True  # a DistributedCB passed to the Learner or to fit replaces the attached one
+
     order = -10
 
     def __init__(self, backend: str | None = None, **ddp_kwargs: Any) -> None:
@@ -349,7 +351,8 @@ class DistributedCB(Callback):
         self._setup_process_group(learn)
         if _distributed_sampler(learn.dl) is None:
             learn.dl = self._shard(learn.dl, training=False)
-            learn.n_iter = len(learn.dl)
+            # A shorter count set by an earlier callback (LimitBatchesCB) still holds.
+            learn.n_iter = min(len(learn.dl), learn.n_iter or len(learn.dl))
         _set_epoch(learn.dl, epoch)
 
     def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:

@@ -29,12 +29,22 @@ class GatherPredsCB(Callback):
 
     def after_loss(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self.preds.append(learn.preds.detach().cpu())
-        self.targets.append(learn.yb.detach().cpu())
+        self.targets.append(_to_cpu(learn.yb))
 
-    def result(self) -> tuple[Tensor, Tensor]:
+    def result(self) -> tuple[Tensor, Any]:
+        """All predictions and targets, concatenated (several targets: a tuple of tensors)."""
         from .distributed import gather_in_order  # a no-op outside torch.distributed
 
         self.preds, self.targets = gather_in_order(self.preds, self.targets, self.dl)
         if not self.preds:
             raise ValueError("get_preds saw no batches: the loader is empty.")
-        return torch.cat(self.preds), torch.cat(self.targets)
+        preds = torch.cat(self.preds)
+        if isinstance(self.targets[0], tuple):
+            return preds, tuple(torch.cat(parts) for parts in zip(*self.targets))
+        return preds, torch.cat(self.targets)
+
+
+def _to_cpu(yb: Any) -> Any:
+    if isinstance(yb, tuple):
+        return tuple(y.detach().cpu() for y in yb)
+    return yb.detach().cpu()

@@ -90,6 +90,10 @@ class MetricsCB(Callback):
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
     """
 
+    unique = (
+        True  # a MetricsCB passed to the Learner or to fit replaces the attached one
+    )
+
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 10

@@ -61,6 +61,10 @@ class ProgressCB(Callback):
         >>> learn = Learner(model, dls, cbs=[ProgressCB(plot=True)])  # doctest: +SKIP
     """
 
+    unique = (
+        True  # a ProgressCB passed to the Learner or to fit replaces the attached one
+    )
+
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 60
@@ -79,6 +83,7 @@ class ProgressCB(Callback):
         self._plot_handle: Any = None
         self._bars: bool | None = None
         self._pending = 0
+        self._drawn = 0.0
         self._silent = False
 
     def _tqdm(self) -> Any:
@@ -157,8 +162,13 @@ class ProgressCB(Callback):
             self._last = now
             if loss is not None:
                 bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
-            if self.plot and self._notebook and learn.training:
-                self._draw(learn)
+            if (
+                self.plot
+                and self._notebook
+                and learn.training
+                and now - self._drawn >= 5
+            ):
+                self._draw(learn)  # a whole figure: at most every 5 s within an epoch
             self._flush_count()
 
     def _flush_count(self) -> None:
@@ -214,6 +224,7 @@ class ProgressCB(Callback):
             return
         from IPython.display import display
 
+        self._drawn = time.monotonic()
         fig = recorder.plot_loss()
         if self._plot_handle is None:
             self._plot_handle = display(fig, display_id=True)

@@ -38,6 +38,10 @@ class Recorder(Callback):
         >>> learn.recorder.plot_loss().savefig("loss.png")  # doctest: +SKIP
     """
 
+    unique = (
+        True  # a Recorder passed to the Learner or to fit replaces the attached one
+    )
+
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
     order = 20

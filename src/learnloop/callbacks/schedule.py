@@ -210,7 +210,7 @@ class BatchSchedCB(_SchedCB):
     """Steps a scheduler made by `sched_factory(opt)` after every training batch.
 
     Example:
-        >>>         >>> sched = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=60)  # doctest: +SKIP
+        >>> sched = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=60)  # doctest: +SKIP
         >>> learn.fit(10, cbs=[BatchSchedCB(sched)])  # doctest: +SKIP
     """
 
