@@ -1,35 +1,28 @@
 """`Learner`: the training loop, its events, and the step pieces subclasses override.
 
 The loop knows nothing of devices, metrics, progress bars or schedules: those are callbacks
-that listen to the events in `learnloop.events`. The dispatch table (event -> bound hooks)
-is built once per fit, so an event nobody listens to costs one dict lookup per batch.
+that listen to the events in `learnloop.events`; `dispatch.CallbackHost` holds them and
+fires the events.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .callbacks.core import (
-    Callback,
-    check_callback,
-    dispatch_table,
-    displaced,
-    sort_callbacks,
-)
+from .callbacks.core import Callback, check_callback, displaced
 from .callbacks.gather import GatherPredsCB
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
+from .dispatch import CallbackHost
 from .errors import add_note, check_not_empty, describe
 from .events import (
-    EVENTS,
     LEVELS,
     CancelBackwardException,
     CancelBatchException,
@@ -43,10 +36,8 @@ __all__ = ["Learner"]
 
 log = logging.getLogger(__name__)
 
-Hook = Callable[..., Any]
 
-
-class Learner:
+class Learner(CallbackHost):
     """Trains `model` on `dls` with `loss_func` and an optimizer made by `opt_func`.
 
     Device placement, metrics, the recorder and the progress bar are default callbacks
@@ -113,43 +104,18 @@ class Learner:
         self.model, self.dls, self.loss_func = model, dls, loss_func
         self.lr, self.opt_func = lr, opt_func
         self.opt = None
-        self.cbs = []
+        super().__init__()
         self.n_epochs = self.epoch = self.epochs_done = self.iter = 0
         self.n_iter = None
         self.training = False
         self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
         self.epoch_log = {}
-        self._table: dict[str, list[tuple[Any, Hook]]] = {}
         user_cbs = list(cbs or [])
         for cb in user_cbs:
             check_callback(cb)
         defaults = _default_callbacks() if default_cbs else []
         replaced = displaced(defaults, user_cbs)
         self.add_cbs(*[d for d in defaults if d not in replaced], *user_cbs)
-
-    # ---------------------------------------------------------------- callbacks
-    def add_cbs(self, *cbs: Any) -> Learner:
-        """Attach callbacks (checked first: instances, hook names, hook signatures)."""
-        for i, cb in enumerate(cbs):
-            check_callback(cb)
-            if any(cb is c for c in [*self.cbs, *cbs[:i]]):
-                raise ValueError(
-                    f"{cb!r} is already attached to this Learner: attach each callback once."
-                )
-        self.cbs = sort_callbacks([*self.cbs, *cbs])
-        self._table = dispatch_table(self.cbs)
-        return self
-
-    def remove_cbs(self, *cbs: Any) -> Learner:
-        """Detach callbacks that were attached with `cbs=` or `add_cbs`."""
-        for cb in cbs:
-            if not any(cb is c for c in self.cbs):
-                raise ValueError(
-                    f"{cb!r} is not attached to this Learner; attached: {self.cbs}."
-                )
-        self.cbs = [c for c in self.cbs if not any(c is cb for cb in cbs)]
-        self._table = dispatch_table(self.cbs)
-        return self
 
     @property
     def recorder(self) -> Any:
@@ -162,75 +128,6 @@ class Learner:
         raise AttributeError(
             "No Recorder is attached: pass cbs=[Recorder()] to the Learner."
         )
-
-    def show_training_loop(self) -> None:
-        """Print, for each event, the callbacks that will run on it, in order."""
-        for event in EVENTS:
-            names = [
-                cb.name if hasattr(cb, "name") else type(cb).__name__
-                for cb, _ in self._table.get(event, [])
-            ]
-            print(f"{event:<24} {', '.join(names) if names else '-'}")
-
-    def _fire(self, event: str, **context: Any) -> None:
-        hooks = self._table.get(event)
-        if hooks is None:  # nobody listens: one dict lookup
-            return
-        for cb, hook in hooks:
-            try:
-                hook(self, **context)
-            except CancelException:
-                raise
-            except Exception as e:
-                add_note(
-                    e,
-                    f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).",
-                )
-                raise
-
-    def _fire_cleanup(
-        self, event: str, failure: BaseException | None, **context: Any
-    ) -> None:
-        """Call every hook of a cleanup event, even after one raises, so each gets to clean up.
-
-        While `failure` propagates, a hook's error is logged and noted on it (the original error
-        stays the one the user sees); otherwise the first hook error is raised at the end.
-        """
-        first: Exception | None = None
-        for cb, hook in self._table.get(event, ()):
-            try:
-                hook(self, **context)
-            except Exception as e:
-                where = f"{type(cb).__name__}.{event} ({self._where()})"
-                add_note(e, f"learnloop: raised in {where}.")
-                if failure is None:
-                    first = first or e
-                else:
-                    log.error("%s raised during cleanup", where, exc_info=e)
-                    add_note(
-                        failure,
-                        f"learnloop: then {where} also raised {e!r}.",
-                        once=False,
-                    )
-        if first is not None:
-            raise first
-
-    @contextmanager
-    def _attached(self, extra: list[Any]) -> Iterator[None]:
-        """Attach `extra` for one run (replacing attached `unique` ones of its kind), then restore."""
-        hidden = displaced(self.cbs, extra)
-        if hidden:
-            self.remove_cbs(*hidden)
-        try:
-            self.add_cbs(*extra)
-        except Exception:
-            self.add_cbs(*hidden)
-            raise
-        try:
-            yield
-        finally:
-            self.remove_cbs(*extra)
-            self.add_cbs(*hidden)
 
     def _where(self) -> str:
         phase = "training" if self.training else "validation"

@@ -1,0 +1,130 @@
+"""`CallbackHost`: the callbacks a Learner holds, and how their hooks are called.
+
+The dispatch table (event -> bound hooks, in `order`) is rebuilt whenever the callbacks
+change, so firing an event nobody listens to costs one dict lookup. Errors raised in a hook
+get a note naming the callback, the event and where the loop was (`_where`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .callbacks.core import check_callback, dispatch_table, displaced, sort_callbacks
+from .errors import add_note
+from .events import EVENTS, CancelException
+
+__all__ = ["CallbackHost"]
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[..., Any]
+
+
+class CallbackHost:
+    """Holds `cbs` in `order` and fires events at them; the Learner's base class."""
+
+    cbs: list[Any]
+
+    def __init__(self) -> None:
+        self.cbs = []
+        self._table: dict[str, list[tuple[Any, Hook]]] = {}
+
+    # ---------------------------------------------------------------- callbacks
+    def add_cbs(self, *cbs: Any) -> CallbackHost:
+        """Attach callbacks (checked first: instances, hook names, hook signatures)."""
+        for i, cb in enumerate(cbs):
+            check_callback(cb)
+            if any(cb is c for c in [*self.cbs, *cbs[:i]]):
+                raise ValueError(
+                    f"{cb!r} is already attached to this Learner: attach each callback once."
+                )
+        self.cbs = sort_callbacks([*self.cbs, *cbs])
+        self._table = dispatch_table(self.cbs)
+        return self
+
+    def remove_cbs(self, *cbs: Any) -> CallbackHost:
+        """Detach callbacks that were attached with `cbs=` or `add_cbs`."""
+        for cb in cbs:
+            if not any(cb is c for c in self.cbs):
+                raise ValueError(
+                    f"{cb!r} is not attached to this Learner; attached: {self.cbs}."
+                )
+        self.cbs = [c for c in self.cbs if not any(c is cb for cb in cbs)]
+        self._table = dispatch_table(self.cbs)
+        return self
+
+    def show_training_loop(self) -> None:
+        """Print, for each event, the callbacks that will run on it, in order."""
+        for event in EVENTS:
+            names = [
+                cb.name if hasattr(cb, "name") else type(cb).__name__
+                for cb, _ in self._table.get(event, [])
+            ]
+            print(f"{event:<24} {', '.join(names) if names else '-'}")
+
+    def _fire(self, event: str, **context: Any) -> None:
+        hooks = self._table.get(event)
+        if hooks is None:  # nobody listens: one dict lookup
+            return
+        for cb, hook in hooks:
+            try:
+                hook(self, **context)
+            except CancelException:
+                raise
+            except Exception as e:
+                add_note(
+                    e,
+                    f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).",
+                )
+                raise
+
+    def _fire_cleanup(
+        self, event: str, failure: BaseException | None, **context: Any
+    ) -> None:
+        """Call every hook of a cleanup event, even after one raises, so each gets to clean up.
+
+        While `failure` propagates, a hook's error is logged and noted on it (the original error
+        stays the one the user sees); otherwise the first hook error is raised at the end.
+        """
+        first: Exception | None = None
+        for cb, hook in self._table.get(event, ()):
+            try:
+                hook(self, **context)
+            except Exception as e:
+                where = f"{type(cb).__name__}.{event} ({self._where()})"
+                add_note(e, f"learnloop: raised in {where}.")
+                if failure is None:
+                    first = first or e
+                else:
+                    log.error("%s raised during cleanup", where, exc_info=e)
+                    add_note(
+                        failure,
+                        f"learnloop: then {where} also raised {e!r}.",
+                        once=False,
+                    )
+        if first is not None:
+            raise first
+
+    @contextmanager
+    def _attached(self, extra: list[Any]) -> Iterator[None]:
+        """Attach `extra` for one run (replacing attached `unique` ones of its kind), then restore."""
+        hidden = displaced(self.cbs, extra)
+        if hidden:
+            self.remove_cbs(*hidden)
+        try:
+            self.add_cbs(*extra)
+        except Exception:
+            self.add_cbs(*hidden)
+            raise
+        try:
+            yield
+        finally:
+            self.remove_cbs(*extra)
+            self.add_cbs(*hidden)
+
+    def _where(self) -> str:
+        """Where the run is, for error notes (the Learner says epoch and batch)."""
+        return "outside a fit"
