@@ -118,3 +118,21 @@ def test_notebook_live_plot(monkeypatch):
     fit(io.StringIO(), epochs=3, plot=True, mininterval=3600)
     assert [kind for kind, _ in shown] == ["display", "update", "update"]
     assert all(isinstance(fig, Figure) for _, fig in shown)
+
+
+def test_one_batch_bar_per_fit(monkeypatch):
+    """A fit makes two bars, epochs and batches, and resets the batch bar for each phase."""
+    from tqdm import tqdm
+
+    made = []
+
+    class Counting(tqdm):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("desc"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ProgressCB, "_tqdm", lambda self: Counting)
+    out = FakeTTY()
+    fit(out, epochs=3, mininterval=0.0)
+    assert made == ["epoch", "train"]
+    assert "valid" in out.getvalue()

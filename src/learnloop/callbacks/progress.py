@@ -82,6 +82,7 @@ class ProgressCB(Callback):
         self._widths: list[int] | None = None
         self._plot_handle: Any = None
         self._bars: bool | None = None
+        self._in_fit = False
         self._pending = 0
         self._drawn = 0.0
         self._silent = False
@@ -100,9 +101,8 @@ class ProgressCB(Callback):
         return tqdm
 
     def _setup(self) -> None:
-        self._silent = (
-            not is_main_process()
-        )  # under torchrun only rank 0 shows progress
+        # Under torchrun only rank 0 shows progress.
+        self._silent = not is_main_process()
         self._out = self.file if self.file is not None else sys.stdout
         self._notebook = in_notebook() and not self._silent
         isatty = getattr(self._out, "isatty", lambda: False)()
@@ -111,6 +111,7 @@ class ProgressCB(Callback):
 
     def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
         self._setup()
+        self._in_fit = True
         self._widths = None
         self._plot_handle = None
         if self.plot and not self._notebook:
@@ -132,7 +133,12 @@ class ProgressCB(Callback):
             self._setup()
         if not self._bars:
             return
-        self._close_batch_bar()
+        self._last = time.monotonic()
+        self._pending = 0
+        if self._batch_bar is not None:  # one batch bar per fit, reset for each phase
+            self._batch_bar.reset(total=learn.n_iter)
+            self._batch_bar.set_description_str(desc, refresh=False)
+            return
         self._batch_bar = self._tqdm()(
             total=learn.n_iter,
             desc=desc,
@@ -141,8 +147,6 @@ class ProgressCB(Callback):
             mininterval=self.mininterval,
             dynamic_ncols=True,
         )
-        self._last = time.monotonic()
-        self._pending = 0
 
     def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._start_batches(learn, "train")
@@ -177,10 +181,12 @@ class ProgressCB(Callback):
         self._pending = 0
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self._close_batch_bar()
+        self._flush_count()
 
     def after_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self._close_batch_bar()
+        self._flush_count()
+        if not self._in_fit:  # validate()/get_preds(): nothing else will close it
+            self._close_batch_bar()
 
     def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         row = dict(learn.epoch_log)
@@ -195,6 +201,7 @@ class ProgressCB(Callback):
             self._draw(learn)
 
     def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        self._in_fit = False
         self._close_batch_bar()
         if self._epoch_bar is not None:
             self._epoch_bar.close()
