@@ -81,16 +81,21 @@ class TestEvaluationCleanup:
         )
 
 
+def learner_with_failing_cleanup():
+    """A Learner whose BadCleanup.after_fit (order 30) divides by zero, before ProgressCB's (60)."""
+    bar = ProgressCB(file=io.StringIO(), bar=True)
+    bad_cleanup = type(
+        "BadCleanup",
+        (Callback,),
+        {"order": 30, "after_fit": lambda s, learn, **k: 1 / 0},
+    )()
+    return Learner(nn.Linear(4, 3), make_dls(), cbs=[bar, bad_cleanup]), bar
+
+
 class TestFitCleanup:
     def test_after_fit_reaches_every_callback(self):
         """When one after_fit hook fails, the others still run, and the fit's own error is the one raised."""
-        bar = ProgressCB(file=io.StringIO(), bar=True)
-        bad_cleanup = type(
-            "BadCleanup",
-            (Callback,),
-            {"order": 30, "after_fit": lambda s, learn, **k: 1 / 0},
-        )()
-        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[bar, bad_cleanup])
+        learn, bar = learner_with_failing_cleanup()
         with pytest.raises(ValueError, match="in the loss") as info:
             learn.fit(1, cbs=[boom("after_loss", ValueError("in the loss"))])
         assert bar._epoch_bar is None and bar._batch_bar is None
@@ -101,13 +106,7 @@ class TestFitCleanup:
 
     def test_after_fit_error_raised_after_all_ran(self):
         """Without an earlier error, a failing after_fit hook is raised once every hook has run."""
-        bar = ProgressCB(file=io.StringIO(), bar=True)
-        bad_cleanup = type(
-            "BadCleanup",
-            (Callback,),
-            {"order": 30, "after_fit": lambda s, learn, **k: 1 / 0},
-        )()
-        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[bar, bad_cleanup])
+        learn, bar = learner_with_failing_cleanup()
         with pytest.raises(ZeroDivisionError):
             learn.fit(1)
         assert bar._epoch_bar is None
