@@ -82,7 +82,18 @@ def main(out: Path) -> None:
     resumed = Learner(nn.Linear(4, 3), dls, lr=0.5, cbs=[MetricsCB(Accuracy())])
     resumed.fit(2, resume=out / "ck")  # every rank loads rank 0's checkpoint
 
+    # Several targets per batch: (x, y, w); w is the row's index, so its order is checkable.
+    x3, y3 = make_data(7, seed=3).tensors
+    rows = TensorDataset(x3, y3, torch.arange(7.0))
+    weighted = Learner(
+        nn.Linear(4, 3),
+        DataLoaders(DataLoader(rows, batch_size=2)),
+        loss_func=lambda p, y, w: p.sum(),
+    )
+    _, (_, row_index) = weighted.get_preds(DataLoader(rows, batch_size=2))
+
     result = {
+        "row_index": row_index,
         "resumed_epochs_done": resumed.epochs_done,
         "resumed_state": resumed.model.state_dict(),
         "world_size": world_size(),

@@ -140,6 +140,11 @@ class TestUnderTorchrun:
                 ddp_run[r]["shuffled_odd_preds"], single_run["odd_preds"]
             )
 
+    def test_get_preds_several_targets_in_order(self, ddp_run):
+        """With (x, y, w) batches, get_preds returns every target tensor in dataset order."""
+        for r in (0, 1):
+            assert torch.equal(ddp_run[r]["row_index"], torch.arange(7.0))
+
     def test_model_and_loaders_restored(self, ddp_run):
         """After fit, learn.model is the user's module again and learn.dls the user's loaders."""
         assert ddp_run[0]["restored"] and ddp_run[1]["restored"]

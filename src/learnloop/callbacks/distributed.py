@@ -209,18 +209,30 @@ def _sample_indices(dl: Any, n: int) -> list[int] | None:
     return [int(i) for i in flat[:n]]
 
 
+def _cat(parts: list[Any]) -> Any:
+    """Concatenate tensors, or tuples of tensors element by element (several targets)."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(list(p)) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+def _take(x: Any, index: Tensor) -> Any:
+    return tuple(t[index] for t in x) if isinstance(x, tuple) else x[index]
+
+
 def gather_in_order(
-    preds: list[Tensor], targets: list[Tensor], dl: Any
-) -> tuple[list[Tensor], list[Tensor]]:
+    preds: list[Tensor], targets: list[Any], dl: Any
+) -> tuple[list[Tensor], list[Any]]:
     """Every process's batches of `preds` and `targets`, in dataset order, on every rank.
 
-    Outside a process group this returns its inputs. Samples a padded sampler repeated are kept once.
+    Outside a process group this returns its inputs. Samples a padded sampler repeated are kept
+    once. A batch's targets may be a tensor or a tuple of tensors.
     """
     if not is_distributed():
         return preds, targets
     local = (
         torch.cat(preds) if preds else None,
-        torch.cat(targets) if targets else None,
+        _cat(targets) if targets else None,
     )
     n = 0 if local[0] is None else local[0].shape[0]
     everything: list[Any] = [None] * dist.get_world_size()
@@ -228,10 +240,7 @@ def gather_in_order(
     parts = [p for p in everything if p[0] is not None]
     if not parts:
         return [], []
-    all_preds, all_targets = (
-        torch.cat([p[0] for p in parts]),
-        torch.cat([p[1] for p in parts]),
-    )
+    all_preds, all_targets = _cat([p[0] for p in parts]), _cat([p[1] for p in parts])
     if any(p[2] is None for p in parts):
         log.warning(
             "get_preds: the loader has no DistributedSampler; predictions are in rank order."
@@ -242,7 +251,7 @@ def gather_in_order(
     first = torch.ones(len(order), dtype=torch.bool)
     first[1:] = idx[order][1:] != idx[order][:-1]
     order = order[first]
-    return [all_preds[order]], [all_targets[order]]
+    return [all_preds[order]], [_take(all_targets, order)]
 
 
 # ------------------------------------------------------------------------------ the callback
