@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from learnloop import Accuracy, Callback, CancelBatchException, Learner, MetricsCB
+from learnloop import is_main_process as is_rank0
 from learnloop.data import DataLoaders, Normalize, load_digits
 from learnloop.models import mlp
 
@@ -88,9 +89,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "skipped": skip.skipped,
         "best_epoch": best.best,
     }
-    print(
-        f"{seen['train_batches']} training batches ({seen['skipped']} cancelled); best (epoch, accuracy): {best.best}"
-    )
+    if is_rank0():  # under torchrun, rank 0 alone prints
+        print(
+            f"{count.train_batches} training batches ({skip.skipped} cancelled); best: {best.best}"
+        )
     return seen
 
 

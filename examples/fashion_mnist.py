@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from learnloop import Accuracy, Learner, MetricsCB, ProgressCB
+from learnloop import Accuracy, Learner, MetricsCB, ProgressCB, is_main_process
 from learnloop.data import DataLoaders, Normalize, load_data
 from learnloop.models import simple_cnn
 
@@ -76,9 +76,10 @@ def main(argv: Sequence[str] | None = None) -> float:
     )
     learn.fit_one_cycle(args.epochs, lr_max=args.lr)
     accuracy = learn.epoch_log["accuracy"]
-    print(f"final validation accuracy: {accuracy:.4f}")
-    learn.recorder.plot_loss().savefig(args.out, dpi=80)
-    print(f"wrote {args.out}")
+    if is_main_process():  # under torchrun, rank 0 alone reports and writes
+        print(f"final validation accuracy: {accuracy:.4f}")
+        learn.recorder.plot_loss().savefig(args.out, dpi=80)
+        print(f"wrote {args.out}")
     return accuracy
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_data
+from helpers import make_data, make_dls
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -288,3 +289,20 @@ class TestSafeLoading:
             learn.load(tmp_path / "nope.pt")
         with pytest.raises(FileNotFoundError, match="without last.pt"):
             learn.fit(1, resume=tmp_path)
+
+
+def test_other_optimizer_is_refused_and_nothing_changes(tmp_path):
+    """A checkpoint saved with SGD, loaded into an AdamW learner: a ValueError, weights and optimizer kept."""
+    sgd = Learner(nn.Linear(4, 3), make_dls(), lr=0.1, default_cbs=False)
+    sgd.fit(1)
+    sgd.save(tmp_path / "sgd.pt")
+    adam = Learner(
+        nn.Linear(4, 3), make_dls(), opt_func=torch.optim.AdamW, default_cbs=False
+    )
+    adam.fit(1)
+    before = weights(adam)
+    opt_before = copy.deepcopy(adam.opt.state_dict())
+    with pytest.raises(ValueError, match="another kind of optimizer.*betas"):
+        adam.load(tmp_path / "sgd.pt")
+    assert all(torch.equal(v, adam.model.state_dict()[k]) for k, v in before.items())
+    assert adam.opt.state_dict()["param_groups"] == opt_before["param_groups"]

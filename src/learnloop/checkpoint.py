@@ -37,6 +37,7 @@ __all__ = [
     "checkpoint_path",
     "checkpoint_state",
     "load_checkpoint",
+    "loader_generators",
     "read_checkpoint",
     "save_checkpoint",
     "stateful_callbacks",
@@ -124,7 +125,7 @@ def stateful_callbacks(cbs: list[Any]) -> dict[str, Any]:
     return out
 
 
-def _generators(dl: Any) -> list[torch.Generator]:
+def loader_generators(dl: Any) -> list[torch.Generator]:
     """The torch Generators a loader draws from: its own, its sampler's, its batch sampler's (deduplicated)."""
     found: list[torch.Generator] = []
 
@@ -151,7 +152,7 @@ def _rng_state(learn: Any) -> dict[str, Any]:
             "gauss": gauss,
         },
         "torch": torch.get_rng_state(),
-        "loaders": [g.get_state() for g in _generators(learn.dls.train)],
+        "loaders": [g.get_state() for g in loader_generators(learn.dls.train)],
     }
     try:
         import numpy as np
@@ -199,7 +200,7 @@ def _set_rng_state(learn: Any, rng: dict[str, Any]) -> None:
                 len(rng["cuda"]),
                 torch.cuda.device_count(),
             )
-    gens = _generators(learn.dls.train)
+    gens = loader_generators(learn.dls.train)
     if len(gens) != len(rng["loaders"]):
         log.warning(
             "The checkpoint saved %d train-loader generator(s), this train loader has %d: "
@@ -337,6 +338,30 @@ def _check_optimizer(
             f"{path}'s optimizer has parameter groups of sizes {theirs}, this optimizer {own}: "
             "use the same opt_func and parameter groups as the saved fit."
         )
+    # Settings this optimizer needs that the file's groups lack: saved by another optimizer.
+    missing = set(opt.defaults) - set(saved["param_groups"][0]) if theirs else set()
+    if missing:
+        raise ValueError(
+            f"{path} was saved by another kind of optimizer: its parameter groups lack "
+            f"{sorted(missing)}, which {type(opt).__name__} needs. Use the same opt_func as "
+            "the saved fit."
+        )
+
+
+def _trial_optimizer(
+    learn: Any, path: Path, saved: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """A new optimizer (`learn.opt_func`) with the saved state loaded, or a ValueError; `learn` unchanged."""
+    trial = learn.opt_func(learn.model.parameters(), lr=learn.lr)
+    _check_optimizer(path, learn.opt if learn.opt is not None else trial, saved)
+    try:
+        trial.load_state_dict(copy.deepcopy(saved))
+    except Exception as e:
+        raise ValueError(
+            f"{path}'s optimizer state does not load into {type(trial).__name__} "
+            f"({type(e).__name__}: {e}); use the same opt_func as the saved fit."
+        ) from e
+    return trial
 
 
 def _load_callbacks(path: Path, cbs: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -375,16 +400,17 @@ def load_checkpoint(learn: Any, path: PathLike) -> dict[str, Any]:
     ck = read_checkpoint(file)
     model = unwrap_model(learn.model)
     _check_model(file, model, ck["model"])
-    opt = learn.opt
+    trial = None
     if ck["optimizer"] is not None:
-        if opt is None:
-            opt = learn.opt_func(learn.model.parameters(), lr=learn.lr)
-        _check_optimizer(file, opt, ck["optimizer"])
+        trial = _trial_optimizer(learn, file, ck["optimizer"])
     _load_callbacks(file, stateful_callbacks(learn.cbs), ck["callbacks"])
+    # Nothing below can fail on the file's content: every part was checked above.
     model.load_state_dict(ck["model"])
-    if ck["optimizer"] is not None:
-        opt.load_state_dict(ck["optimizer"])
-        learn.opt = opt
+    if trial is not None:
+        if learn.opt is None:
+            learn.opt = trial
+        else:
+            learn.opt.load_state_dict(ck["optimizer"])
     learn.epochs_done = ck["epochs_done"]
     learn.epoch, learn.iter = ck.get("epoch", 0), ck.get("iter", 0)
     learn.lr = ck.get("lr", learn.lr)

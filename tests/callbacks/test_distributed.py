@@ -189,6 +189,14 @@ class TestUnderTorchrun:
         assert list((tmp_path / "r1").iterdir()) == []
         assert "final validation accuracy" in stdout[0] and stdout[1] == ""
 
+    def test_example_runs_on_rank0_only(self, tmp_path):
+        """examples/custom_callback.py runs unchanged under torchrun; rank 1 prints nothing."""
+        example = (
+            Path(__file__).resolve().parents[2] / "examples" / "custom_callback.py"
+        )
+        stdout = torchrun([str(example), "--epochs", "1"], tmp_path)
+        assert "training batches" in stdout[0] and stdout[1] == ""
+
 
 class TestRankHelpers:
     def test_single_process(self, monkeypatch):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..checkpoint import loader_generators
 from ..events import CancelFitException
 from .core import Callback
 
@@ -251,12 +252,15 @@ def _snapshot(learn: Any) -> dict[str, Any]:
             "epoch_log": dict(learn.epoch_log),
         },
         "cbs": list(learn.cbs),
+        # Only callbacks the sweep runs can change; detached ones keep their state untouched.
         "cb_states": {
             id(cb): copy.deepcopy(cb.state_dict())
             for cb in learn.cbs
             if callable(getattr(cb, "state_dict", None))
             and callable(getattr(cb, "load_state_dict", None))
+            and not _detach_for_sweep(cb)
         },
+        "loaders": [g.get_state() for g in loader_generators(learn.dls.train)],
     }
 
 
@@ -285,6 +289,8 @@ def _restore(learn: Any, saved: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     if "numpy" in rng:
         sys.modules["numpy"].random.set_state(rng["numpy"])
+    for g, state in zip(loader_generators(learn.dls.train), saved["loaders"]):
+        g.set_state(state)
     for name, value in saved["attrs"].items():
         setattr(learn, name, value)
     learn.remove_cbs(*learn.cbs)

@@ -166,16 +166,21 @@ class _SchedCB(Callback):
         self._loaded: dict[str, Any] | None = None
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        resuming, loaded, self._loaded = learn.epoch > 0, self._loaded, None
+        if not resuming:
+            # torch schedulers keep `initial_lr` in the optimizer: a fresh fit (with lr=, say)
+            # starts from the optimizer's current rate, not the first fit's.
+            for group in learn.opt.param_groups:
+                group.pop("initial_lr", None)
         self.sched = self.sched_factory(learn.opt)
         if not callable(getattr(self.sched, "step", None)):
             raise TypeError(
                 f"sched_factory returned {self.sched!r}, which has no step() method."
             )
         if (
-            self._loaded is not None
-        ):  # a resumed fit: continue the schedule where the checkpoint left it
-            self.sched.load_state_dict(self._loaded)
-            self._loaded = None
+            resuming and loaded is not None
+        ):  # continue where the checkpoint left the schedule
+            self.sched.load_state_dict(loaded)
         self._first = True
 
     def state_dict(self) -> dict[str, Any]:

@@ -189,8 +189,13 @@ class MixedPrecisionCB(Callback):
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the GradScaler's state (kept until the fit makes the scaler, if it has not yet)."""
-        if self.scaler is not None and state:
+        """Restore the GradScaler's state (kept until the fit makes the scaler, if it has not yet).
+
+        An empty state (saved before any scaler existed) drops the scaler: the next fit makes a fresh one.
+        """
+        if not state:
+            self.scaler, self._loaded = None, None
+        elif self.scaler is not None:
             self.scaler.load_state_dict(state)
         else:
             self._loaded = dict(state)
