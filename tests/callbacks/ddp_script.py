@@ -20,6 +20,7 @@ from learnloop import (
     CheckpointCB,
     CSVLoggerCB,
     DataLoaders,
+    GradAccumCB,
     Learner,
     MetricsCB,
 )
@@ -41,6 +42,17 @@ class SeenIndices(Callback):
     def before_batch(self, learn, *args, **kwargs):
         if learn.training:
             self.epochs[-1] += learn.batch[0].flatten().long().tolist()
+
+
+class SyncFlags(Callback):
+    """Records, for each training batch, whether DDP will all-reduce its gradients."""
+
+    def __init__(self, seen: list[bool]) -> None:
+        self.seen = seen
+
+    def after_pred(self, learn, *args, **kwargs):
+        if learn.training:
+            self.seen.append(learn.model.require_backward_grad_sync)
 
 
 def main(out: Path) -> None:
@@ -92,7 +104,19 @@ def main(out: Path) -> None:
     )
     _, (_, row_index) = weighted.get_preds(DataLoader(rows, batch_size=2))
 
+    # Accumulation: 2 batches of 4 per rank and step = one global batch of 16; the batches that
+    # do not step skip DDP's all-reduce (its flag is read in the forward pass).
+    synced: list[bool] = []
+    torch.manual_seed(0)
+    acc_model = nn.Linear(4, 3)
+    acc_dls = DataLoaders(DataLoader(train, batch_size=PER_RANK_BS // 2))
+    Learner(acc_model, acc_dls, lr=0.5, cbs=[GradAccumCB(2), SyncFlags(synced)]).fit(
+        1, valid=False
+    )
+
     result = {
+        "acc_state": acc_model.state_dict(),
+        "acc_synced": synced,
         "row_index": row_index,
         "resumed_epochs_done": resumed.epochs_done,
         "resumed_state": resumed.model.state_dict(),

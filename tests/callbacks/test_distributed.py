@@ -145,6 +145,15 @@ class TestUnderTorchrun:
         for r in (0, 1):
             assert torch.equal(ddp_run[r]["row_index"], torch.arange(7.0))
 
+    def test_accumulation_matches_big_batch_without_extra_syncs(
+        self, ddp_run, single_run
+    ):
+        """GradAccumCB(2) under DDP gives the single-process weights; only stepping batches all-reduce."""
+        for r in (0, 1):
+            for k, v in single_run["state"].items():
+                torch.testing.assert_close(ddp_run[r]["acc_state"][k], v)
+            assert ddp_run[r]["acc_synced"] == [False, True] * 6
+
     def test_model_and_loaders_restored(self, ddp_run):
         """After fit, learn.model is the user's module again and learn.dls the user's loaders."""
         assert ddp_run[0]["restored"] and ddp_run[1]["restored"]

@@ -234,6 +234,16 @@ class GradAccumCB(Callback):
         size = min(self.n_acc, learn.n_iter - start)
         return size, learn.iter - start + 1 == size
 
+    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        # Under DDP, a batch that does not step skips the gradient all-reduce, as `no_sync()`
+        # does; DDP reads this flag in its forward, so it is set before the forward pass.
+        if learn.training and hasattr(learn.model, "require_backward_grad_sync"):
+            learn.model.require_backward_grad_sync = self._group(learn)[1]
+
+    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+        if hasattr(learn.model, "require_backward_grad_sync"):
+            learn.model.require_backward_grad_sync = True
+
     def before_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._loss = learn.loss
         learn.loss = learn.loss / self._group(learn)[0]
