@@ -36,7 +36,7 @@ from torch.utils.data import (
 
 from .hf import returned_none
 
-__all__ = ["BatchedDataset", "batched_loader", "decode_images"]
+__all__ = ["BatchedDataset", "as_tfm_list", "batched_loader", "decode_images"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ BatchTfm = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 _8BIT_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr"}
+
+
+def as_tfm_list(tfms: Sequence[BatchTfm] | BatchTfm | None) -> list[BatchTfm]:
+    """`tfms` as a list: None is empty, one transform is a list of one."""
+    if tfms is None:
+        return []
+    return list(tfms) if isinstance(tfms, Iterable) else [tfms]
 
 
 def _source(item: Mapping[str, Any]) -> Any:
@@ -109,9 +116,8 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     columns = [k for k, f in ds.features.items() if isinstance(f, Image)]
     if not columns or len(ds) == 0:
         return ds
-    raw = ds.with_format(
-        None
-    )  # map's function must see raw {'bytes', 'path'} dicts, not formatted ones
+    # map's function must see raw {'bytes', 'path'} dicts, not formatted ones.
+    raw = ds.with_format(None)
     for col in columns:
         raw = raw.cast_column(col, Image(decode=False))
     first = raw[0]
@@ -196,9 +202,7 @@ class BatchedDataset(Dataset):
                 f"BatchedDataset columns must have one length, got {lengths}."
             )
         self.columns = dict(columns)
-        self.tfms: list[BatchTfm] = (
-            list(tfms) if isinstance(tfms, Iterable) else [tfms] if tfms else []
-        )
+        self.tfms = as_tfm_list(tfms)
         self.features = features
         self._len = next(iter(lengths.values()), 0)
 

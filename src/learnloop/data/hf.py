@@ -1,8 +1,8 @@
 """Glue between Hugging Face `datasets` and torch DataLoaders, for the per-item path.
 
 Hugging Face rows are dicts; a `Learner` wants `(x, y)` tuples. `collate_dict` collates rows
-into a tuple in the dataset's feature order, checking first what torch's `default_collate`
-would report badly (a missing column, images of different sizes, PIL images). `inplace`
+into a tuple in the dataset's feature order; when torch's `default_collate` fails, it says
+why in plain words (a missing column, images of different sizes, PIL images). `inplace`
 lets a transform that edits its batch in place be used with `Dataset.with_transform`, and
 `check_transform` makes a transform that forgot to return its batch fail with that diagnosis.
 """
@@ -124,18 +124,27 @@ def collate_dict(
             raise TypeError(
                 f"collate_dict expects dict rows (Hugging Face dataset items), got {got}."
             )
-        for key in keys:
-            if key not in rows[0] or not all(key in r for r in rows):
-                i = next(i for i, r in enumerate(rows) if key not in r)
-                raise KeyError(
-                    f"collate_dict expects column {key!r}, but row {i} of the batch lacks it; the rows "
-                    f"have columns {list(rows[i])}. Return {key!r} from your transform, or pass "
-                    "collate_dict(ds, columns=[...]) with the columns to keep."
-                )
-            _check_column(key, [r[key] for r in rows])
-        return tuple(default_collate([r[key] for r in rows]) for key in keys)
+        try:
+            return tuple(default_collate([r[key] for r in rows]) for key in keys)
+        except Exception:
+            # Only a failed batch pays for the diagnosis: say which column and row, and why.
+            _diagnose(rows, keys)
+            raise
 
     return _collate
+
+
+def _diagnose(rows: list[Any], keys: list[str]) -> None:
+    """Raise the clear error for rows that default_collate could not batch, if the cause is a known one."""
+    for key in keys:
+        missing = next((i for i, r in enumerate(rows) if key not in r), None)
+        if missing is not None:
+            raise KeyError(
+                f"collate_dict expects column {key!r}, but row {missing} of the batch lacks it; the "
+                f"rows have columns {list(rows[missing])}. Return {key!r} from your transform, or "
+                "pass collate_dict(ds, columns=[...]) with the columns to keep."
+            )
+        _check_column(key, [r[key] for r in rows])
 
 
 def class_names(features: Mapping[str, Any] | None) -> list[str] | None:

@@ -140,15 +140,9 @@ class DataLoaders:
                 "collate_fn and batched=True are mutually exclusive: the batched path yields tuples of "
                 "column tensors itself; put per-batch work in batch_tfms."
             )
-        from .batched import BatchedDataset, batched_loader
+        from .batched import BatchedDataset, as_tfm_list, batched_loader
 
-        tfms = (
-            list(batch_tfms)
-            if isinstance(batch_tfms, Iterable)
-            else [batch_tfms]
-            if batch_tfms
-            else []
-        )
+        tfms = as_tfm_list(batch_tfms)
         train_ds = BatchedDataset.from_hf(dd[train], tfms, num_proc=num_proc)
         valid_ds = BatchedDataset.from_hf(
             dd[valid],

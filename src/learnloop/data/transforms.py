@@ -16,9 +16,8 @@ __all__ = ["Normalize", "RandomCrop", "RandomFlip"]
 
 def _per_channel(v: float | Sequence[float]) -> Tensor:
     t = torch.as_tensor(v, dtype=torch.float32)
-    return (
-        t.reshape(1, -1, 1, 1) if t.numel() > 1 else t.reshape(())
-    )  # one value: any layout
+    # One value: any layout.
+    return t.reshape(1, -1, 1, 1) if t.numel() > 1 else t.reshape(())
 
 
 class Normalize:
