@@ -28,13 +28,14 @@ from learnloop.models import linear, mlp, simple_cnn
 WORKLOADS = {  # name: (model factory, batch size, input shape, share of --batches, target ratio)
     "linear-784-10-bs64": (lambda: linear(784, 10), 64, (784,), 1.0, 1.15),
     "mlp-784-50-10-bs256": (lambda: mlp(784, 10, 50), 256, (784,), 1.0, 1.05),
+    # ~0.1 s a batch on one core.
     "cnn-bs256": (
         lambda: simple_cnn(1, 10),
         256,
         (1, 28, 28),
         0.1,
         1.05,
-    ),  # ~0.1 s a batch on one core
+    ),
 }
 
 
@@ -50,9 +51,8 @@ def batches(
 
 def _mean(losses: list[torch.Tensor], counts: list[int]) -> float:
     counts_t = torch.tensor(counts, dtype=torch.float32)
-    return float(
-        (torch.stack(losses) * counts_t).sum() / counts_t.sum()
-    )  # the epoch's one host sync
+    # The epoch's one host sync.
+    return float((torch.stack(losses) * counts_t).sum() / counts_t.sum())
 
 
 def hand_epoch(

@@ -92,9 +92,8 @@ class TestExactResume:
         first = make_learner(0, generator, cbs=[CheckpointCB(tmp_path)])
         first.fit(2)
         random.seed(99), np.random.seed(99)
-        fresh = make_learner(
-            123, generator, cbs=[CheckpointCB(tmp_path)]
-        )  # other init, other RNG state
+        # Other init, other RNG state.
+        fresh = make_learner(123, generator, cbs=[CheckpointCB(tmp_path)])
         fresh.fit(4, resume=tmp_path)
         assert fresh.epochs_done == 4
         for key, value in weights(full).items():

@@ -333,9 +333,8 @@ class TestErrors:
     def test_loss_error_note(self):
         """A loss error shows the shapes and dtypes of preds and targets."""
         x, y = make_data(16).tensors
-        dl = DataLoader(
-            TensorDataset(x, y[:, None]), batch_size=16
-        )  # targets (16, 1): a common mistake
+        # Targets (16, 1): a common mistake.
+        dl = DataLoader(TensorDataset(x, y[:, None]), batch_size=16)
         learn = Learner(nn.Linear(4, 3), DataLoaders(dl, None), default_cbs=False)
         with pytest.raises(RuntimeError) as info:
             learn.fit(1)

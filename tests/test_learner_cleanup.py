@@ -188,9 +188,8 @@ def test_optimizer_state_follows_params():
     """move_optimizer_state puts momenta on their parameter's device and leaves Adam's step count."""
     from learnloop.callbacks.device import move_optimizer_state
 
-    model = nn.Linear(4, 3).to(
-        "meta"
-    )  # 'meta' stands in for a GPU: tensors move, nothing computes
+    # 'meta' stands in for a GPU: tensors move, nothing computes.
+    model = nn.Linear(4, 3).to("meta")
     opt = torch.optim.Adam(model.parameters())
     for p in model.parameters():  # state as a checkpoint loaded on the CPU leaves it
         opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(p.shape)}

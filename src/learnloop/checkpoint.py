@@ -70,9 +70,8 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
 
 
 def _fsync_dir(folder: Path) -> None:
-    if (
-        os.name != "posix"
-    ):  # Windows cannot open a folder; its rename is already durable enough
+    # Windows cannot open a folder; its rename is already durable enough.
+    if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -167,9 +166,8 @@ def _rng_state(learn: Any) -> dict[str, Any]:
             "has_gauss": int(has_gauss),
             "cached": float(cached),
         }
-    if (
-        torch.cuda.is_available() and torch.cuda.is_initialized()
-    ):  # untested here: no GPU in CI
+    # Untested here: no GPU in CI.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
@@ -218,9 +216,8 @@ def checkpoint_state(learn: Any, epochs_done: int | None = None) -> dict[str, An
     return {
         "format": FORMAT,
         "version": VERSION,
-        "torch_version": str(
-            torch.__version__
-        ),  # TorchVersion is not a weights_only type
+        # TorchVersion is not a weights_only type.
+        "torch_version": str(torch.__version__),
         "model": unwrap_model(learn.model).state_dict(),
         "optimizer": learn.opt.state_dict() if learn.opt is not None else None,
         "callbacks": {
@@ -243,9 +240,8 @@ def save_checkpoint(learn: Any, path: PathLike, epochs_done: int | None = None) 
     """
     from .callbacks.distributed import is_main_process
 
-    if (
-        not is_main_process()
-    ):  # under torchrun every rank holds the same state: rank 0 writes it
+    # Under torchrun every rank holds the same state: rank 0 writes it.
+    if not is_main_process():
         return Path(path)
     return atomic_save(checkpoint_state(learn, epochs_done), path)
 

@@ -71,13 +71,11 @@ def main(out: Path) -> None:
     learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), *files])
     learn.fit(1)
     restored = learn.model is model and learn.dls is dls
-    epoch_log = dict(
-        learn.epoch_log
-    )  # validate/get_preds below overwrite learn.epoch_log
+    # validate/get_preds below overwrite learn.epoch_log.
+    epoch_log = dict(learn.epoch_log)
     preds, targets = learn.get_preds()
-    odd = DataLoader(
-        make_data(7, seed=2), batch_size=2
-    )  # 4/3 rows per rank, not part of the fit
+    # 4/3 rows per rank, not part of the fit.
+    odd = DataLoader(make_data(7, seed=2), batch_size=2)
     odd_preds, _ = learn.get_preds(odd)
     shuffled_odd_preds, _ = learn.get_preds(
         DataLoader(odd.dataset, batch_size=2, shuffle=True)

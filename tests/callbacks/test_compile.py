@@ -95,6 +95,5 @@ class TestCompileCB:
         learn = Learner(model, make_dls(), lr=0.1, cbs=[CompileCB()], default_cbs=False)
         learn.fit(1)
         x = torch.randn(32, 4)
-        torch.testing.assert_close(
-            model(x), model.forward(x)
-        )  # forward() bypasses the compiled call
+        # forward() bypasses the compiled call.
+        torch.testing.assert_close(model(x), model.forward(x))

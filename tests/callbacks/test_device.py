@@ -71,9 +71,8 @@ def test_device_cb_moves_model_and_batches():
     )
     learn.fit(1)
     assert seen and all(s == ("cpu", "cpu") for s in seen)
-    cb = DeviceCB(
-        "meta"
-    )  # no kernels to train on 'meta': call the hooks directly to see the moves
+    # No kernels to train on 'meta': call the hooks directly to see the moves.
+    cb = DeviceCB("meta")
     learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[cb], default_cbs=False)
     cb.before_fit(learn)
     assert next(learn.model.parameters()).device.type == "meta"

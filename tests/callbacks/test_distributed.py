@@ -173,9 +173,8 @@ class TestUnderTorchrun:
     def test_checkpoint_and_log_written_once_loaded_everywhere(self, ddp_run):
         """Rank 0 alone writes the CSV log and checkpoint; every rank resumes from it to the same weights."""
         lines = (ddp_run["out"] / "history.csv").read_text().splitlines()
-        assert len(lines) == 2 and lines[0].startswith(
-            "epoch,"
-        )  # a header and one epoch, written once
+        # A header and one epoch, written once.
+        assert len(lines) == 2 and lines[0].startswith("epoch,")
         assert (ddp_run["out"] / "ck" / "last.pt").is_file()
         assert (
             ddp_run[0]["resumed_epochs_done"] == ddp_run[1]["resumed_epochs_done"] == 2

@@ -69,9 +69,8 @@ class TestActivationStatsCB:
         model, stats = mlp(), ActivationStatsCB(nn.ReLU)
         Learner(model, make_dls(), lr=0.1, default_cbs=False, cbs=[stats]).fit(2)
         assert stats.names == ["1 ReLU", "3 ReLU"]
-        assert (
-            stats.means.shape == stats.stds.shape == (2, 12)
-        )  # 6 train batches x 2 epochs
+        # 6 train batches x 2 epochs.
+        assert stats.means.shape == stats.stds.shape == (2, 12)
         assert stats.hists.shape == (2, 12, 40)
         assert (stats.means >= 0).all()  # ReLU outputs
         assert ((stats.dead > 0) & (stats.dead <= 1)).all()

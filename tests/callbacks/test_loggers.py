@@ -78,9 +78,8 @@ class TestCSVLoggerCB:
         path = tmp_path / "h.csv"
         learner(CSVLoggerCB(path), CheckpointCB(tmp_path / "ck")).fit(2)
         with open(path, "a") as f:
-            f.write(
-                "2,9.0,9.0,1.0\n"
-            )  # epoch 2 was logged, then the process died before its checkpoint
+            # Epoch 2 was logged, then the process died before its checkpoint.
+            f.write("2,9.0,9.0,1.0\n")
         learner(CSVLoggerCB(path)).fit(3, resume=tmp_path / "ck")
         rows = read_rows(path)
         assert [r["epoch"] for r in rows] == ["0", "1", "2"]

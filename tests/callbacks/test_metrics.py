@@ -97,9 +97,8 @@ class TestProtocol:
         """Accuracy's all_reduce replaces its counts by their sums; the ratio is computed from the sums."""
         acc = Accuracy()
         acc.update(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))
-        acc.all_reduce(
-            lambda t: t + torch.tensor(2)
-        )  # as if a second process counted 2 of 2 correct
+        # As if a second process counted 2 of 2 correct.
+        acc.all_reduce(lambda t: t + torch.tensor(2))
         assert (int(acc.correct), acc.total) == (3, 4) and acc.compute() == 0.75
 
     def test_accuracy_shape_mismatch(self):

@@ -194,9 +194,8 @@ class TestBatchSchedCB:
         sched = BatchSchedCB(
             partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda i: 1 / (i + 1))
         )
-        learn.fit(
-            1, cbs=[sched, GradAccumCB(3)]
-        )  # filterwarnings=error would fail on the warning
+        # filterwarnings=error would fail on the warning.
+        learn.fit(1, cbs=[sched, GradAccumCB(3)])
         assert learn.recorder.lrs == pytest.approx([1 / (i + 1) for i in range(6)])
 
     def test_factory_must_be_callable(self):
@@ -227,9 +226,8 @@ class TestEpochSchedCB:
 
     def test_plateau_reads_the_monitored_value(self):
         """ReduceLROnPlateau is stepped with valid_loss, and cuts the lr when it stops improving."""
-        learn = Learner(
-            nn.Linear(4, 3), make_dls(), lr=1e-3
-        )  # too small to improve valid_loss by 10%
+        # Too small to improve valid_loss by 10%.
+        learn = Learner(nn.Linear(4, 3), make_dls(), lr=1e-3)
         plateau = partial(
             torch.optim.lr_scheduler.ReduceLROnPlateau,
             patience=0,

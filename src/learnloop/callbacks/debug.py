@@ -35,9 +35,8 @@ class LimitBatchesCB(Callback):
         >>> learn.fit(2, cbs=[LimitBatchesCB(train=5, valid=2)])  # doctest: +SKIP
     """
 
-    order = (
-        -30
-    )  # before DeviceCB moves a batch that will not run, and before the bars are sized
+    # Before DeviceCB moves a batch that will not run, and before the bars are sized.
+    order = -30
 
     def __init__(self, train: int | None = None, valid: int | None = None) -> None:
         for name, n in (("train", train), ("valid", valid)):

@@ -83,9 +83,8 @@ class DeviceCB(Callback):
         first = next(learn.model.parameters(), None)
         if first is None or first.device != self.device:
             learn.model.to(self.device)
-            if (
-                learn.opt is not None
-            ):  # e.g. state loaded from a checkpoint onto the CPU
+            # E.g. state loaded from a checkpoint onto the CPU.
+            if learn.opt is not None:
                 move_optimizer_state(learn.opt)
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:

@@ -106,9 +106,8 @@ class _UnpaddedSampler(DistributedSampler):
     def __iter__(self) -> Any:
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
-            g = torch.Generator().manual_seed(
-                self.seed + self.epoch
-            )  # the same order on every rank
+            # The same order on every rank.
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
@@ -151,9 +150,8 @@ def shard_loader(
             f"DistributedCB can shard only a torch DataLoader over a map-style dataset, got "
             f"{type(dl).__name__} over {type(getattr(dl, 'dataset', None)).__name__}: {fix}"
         )
-    fast = dl.batch_size is None and isinstance(
-        dl.sampler, BatchSampler
-    )  # whole batches per __getitem__
+    # Whole batches per __getitem__.
+    fast = dl.batch_size is None and isinstance(dl.sampler, BatchSampler)
     if dl.batch_size is None and dl.batch_sampler is not None:
         name = type(dl.batch_sampler).__name__
         raise TypeError(
@@ -200,9 +198,8 @@ def _sample_indices(dl: Any, n: int) -> list[int] | None:
     """The dataset indices of the first `n` samples `dl` yields (its sampler is deterministic per epoch)."""
     if _distributed_sampler(dl) is None:
         return None
-    batches = getattr(
-        dl, "batch_sampler", None
-    )  # honours drop_last; None when fed whole batches
+    # Honours drop_last; None when fed whole batches.
+    batches = getattr(dl, "batch_sampler", None)
     flat: list[int] = []
     for item in batches if batches is not None else dl.sampler:
         flat.extend(item if isinstance(item, Iterable) else [item])
@@ -294,9 +291,8 @@ class DistributedCB(Callback):
         first = next(learn.model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         if device.type == "cuda":
-            torch.cuda.set_device(
-                device
-            )  # collectives and `cuda` without an index now mean this GPU
+            # Collectives and `cuda` without an index now mean this GPU.
+            torch.cuda.set_device(device)
         if _initialized():
             return device
         if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
@@ -328,9 +324,8 @@ class DistributedCB(Callback):
         if dl is None or _distributed_sampler(dl) is not None:
             return dl
         cached = self._shards.get(id(dl))
-        if (
-            cached is None or cached[0] is not dl
-        ):  # reuse: persistent workers survive across epochs
+        # Reuse: persistent workers survive across epochs.
+        if cached is None or cached[0] is not dl:
             cached = (dl, shard_loader(dl, training, self._shared_seed()))
             self._shards[id(dl)] = cached
         return cached[1]

@@ -23,9 +23,8 @@ class GatherPredsCB(Callback):
         self.dl: Any = None
 
     def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self.dl = (
-            learn.dl
-        )  # the loader actually read (a shard of it under DistributedCB)
+        # The loader actually read (a shard of it under DistributedCB)
+        self.dl = learn.dl
 
     def after_loss(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self.preds.append(learn.preds.detach().cpu())

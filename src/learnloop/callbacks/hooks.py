@@ -70,9 +70,8 @@ class Hook(_RemovedOnExit):
 
     def remove(self) -> None:
         """Take the hook off the module (safe to call twice)."""
-        handle = getattr(
-            self, "_handle", None
-        )  # absent if __init__ failed; __del__ still calls this
+        # Absent if __init__ failed; __del__ still calls this.
+        handle = getattr(self, "_handle", None)
         if handle is not None:
             handle.remove()
             self._handle = None
@@ -178,9 +177,8 @@ class ActivationStatsCB(Callback):
 
     def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._remove()
-        self.hooks = Hooks(
-            self._modules, self._record
-        )  # training only: removed again in after_train
+        # Training only: removed again in after_train.
+        self.hooks = Hooks(self._modules, self._record)
 
     def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._remove()

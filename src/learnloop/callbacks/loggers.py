@@ -50,9 +50,8 @@ class CSVLoggerCB(Callback):
         self._active = is_main_process()  # under torchrun only rank 0 writes
         if not self._active:
             return
-        if (
-            learn.epoch > 0 and self.path.is_file()
-        ):  # resumed: keep the rows of the epochs already done
+        # Resumed: keep the rows of the epochs already done.
+        if learn.epoch > 0 and self.path.is_file():
             self._keep_rows_before(learn.epoch)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -158,9 +158,8 @@ class MetricsCB(Callback):
         for name, m in self.metrics.items():
             if callable(getattr(m, "all_reduce", None)):
                 m.all_reduce(sum_across_processes)
-            elif not hasattr(
-                m, "sync_on_compute"
-            ):  # torchmetrics syncs itself in compute()
+            # torchmetrics syncs itself in compute()
+            elif not hasattr(m, "sync_on_compute"):
                 log.warning(
                     "Metric %r has no all_reduce(sum_fn): it covers this process's shard only.",
                     name,

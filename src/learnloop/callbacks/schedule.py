@@ -177,9 +177,8 @@ class _SchedCB(Callback):
             raise TypeError(
                 f"sched_factory returned {self.sched!r}, which has no step() method."
             )
-        if (
-            resuming and loaded is not None
-        ):  # continue where the checkpoint left the schedule
+        # Continue where the checkpoint left the schedule.
+        if resuming and loaded is not None:
             self.sched.load_state_dict(loaded)
         self._first = True
 

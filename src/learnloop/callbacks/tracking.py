@@ -2,8 +2,7 @@
 
 They read the epoch's row, `learn.epoch_log`, that MetricsCB builds, so they run after it (and
 after the Recorder and the progress table, so that a stopped fit still shows its last row).
-Files are written whenever these callbacks decide to; which process of a distributed run may
-write is decided elsewhere.
+Under torchrun, checkpoints are written by rank 0 alone (see `checkpoint.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -128,9 +127,8 @@ class CheckpointCB(Callback):
 
     def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         self._due = None
-        if (
-            self._best is not None and learn.epoch == 0
-        ):  # a fresh fit; a resumed one keeps the loaded best
+        # A fresh fit; a resumed one keeps the loaded best.
+        if self._best is not None and learn.epoch == 0:
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
 
     def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
@@ -149,9 +147,8 @@ class CheckpointCB(Callback):
         self._write(learn, final=False)
 
     def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        self._write(
-            learn, final=True
-        )  # still due only if the fit ended between two epochs
+        # Still due only if the fit ended between two epochs.
+        self._write(learn, final=True)
 
     def _write(self, learn: Any, final: bool) -> None:
         if self._due is None:

@@ -93,9 +93,8 @@ class MixedPrecisionCB(Callback):
             self.scaler = torch.amp.GradScaler(
                 self._device_type, init_scale=self.init_scale
             )
-        if (
-            self.scaler is not None and self._loaded
-        ):  # state from a checkpoint, loaded before the fit
+        # State from a checkpoint, loaded before the fit.
+        if self.scaler is not None and self._loaded:
             self.scaler.load_state_dict(self._loaded)
         self._loaded = None
 
@@ -132,9 +131,8 @@ class MixedPrecisionCB(Callback):
 
     def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         if self.scaler is not None:
-            self.scaler.unscale_(
-                learn.opt
-            )  # so that clipping (GradClipCB) sees the true gradients
+            # So that clipping (GradClipCB) sees the true gradients.
+            self.scaler.unscale_(learn.opt)
 
     def _mark_stepped(self, *args: Any) -> None:
         self._stepped = True
@@ -250,10 +248,8 @@ class GradAccumCB(Callback):
 
     def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
         if self._loss is not None:
-            learn.loss, self._loss = (
-                self._loss,
-                None,
-            )  # after_batch shows the batch's own loss
+            # after_batch shows the batch's own loss.
+            learn.loss, self._loss = self._loss, None
         if not self._group(learn)[1]:
             raise CancelBatchException()  # keep the gradients: no unscale, clip, step or zero_grad
 
