@@ -181,7 +181,8 @@ class TestHookNames:
     def test_helper_starting_with_after_allowed(self):
         """A helper method whose name merely starts with 'after' is not taken for an event."""
         cb = type("Report", (Callback,), {"after_fit_report": lambda self: None})()
-        Learner(nn.Linear(4, 3), make_dls(), cbs=[cb])
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[cb])
+        assert cb in learn.cbs and "after_fit_report" not in learn._table
 
 
 def test_optimizer_state_follows_params():

@@ -40,7 +40,7 @@ class TestTypos:
             (Callback,),
             {"plot_stats": lambda self: None, "reset": lambda self: None},
         )()
-        learner(cb)
+        assert cb in learner(cb).cbs
 
     @pytest.mark.parametrize("attach", ["init", "add_cbs", "fit"])
     def test_checked_everywhere(self, attach):
@@ -93,8 +93,13 @@ class TestSignatures:
         ids=["swallow", "exact", "defaults"],
     )
     def test_good_signature(self, hook):
-        """Hooks that take the event's context, named or swallowed, are accepted."""
-        learner(type("Good", (Callback,), {"after_epoch": hook})())
+        """Hooks that take the event's context, named or swallowed, are accepted and run in a fit."""
+        cb = type("Good", (Callback,), {"after_epoch": hook})()
+        learn = learner(cb)
+        learn.fit(
+            1
+        )  # the loop calls the hook as hook(learn, epoch=0): it must not raise
+        assert [c for c, _ in learn._table["after_epoch"]] == [cb]
 
 
 class TestInstances:
