@@ -296,7 +296,7 @@ class TestCleanup:
         assert len(extra.events) == before
 
     def test_validation_in_eval_no_grad(self):
-        """Validation runs in eval mode without autograd; the model is back in train mode afterwards."""
+        """Validation runs in eval mode without autograd; after the fit the model is in eval mode."""
         modes = []
 
         class Spy(Callback):
@@ -308,7 +308,16 @@ class TestCleanup:
         learn = tiny_learner([Spy()])
         learn.fit(1)
         assert modes == [(True, True, True), (False, False, False)]
-        assert learn.model.training
+        assert not learn.model.training
+
+    @pytest.mark.parametrize("method", ["validate", "get_preds"])
+    @pytest.mark.parametrize("training", [True, False])
+    def test_evaluation_keeps_the_model_mode(self, method, training):
+        """validate() and get_preds() run in eval mode and leave the model in the mode they found."""
+        learn = tiny_learner([])
+        learn.model.train(training)
+        getattr(learn, method)()
+        assert learn.model.training is training
 
 
 class TestErrors:

@@ -1,27 +1,40 @@
 """learnloop: a small, fast, callback-driven training loop for PyTorch."""
 
-from .callbacks.compile import CompileCB
-from .callbacks.core import Callback
-from .callbacks.debug import LimitBatchesCB, SingleBatchCB
-from .callbacks.device import DeviceCB, default_device, to_device
-from .callbacks.distributed import DistributedCB, is_main_process, rank, world_size
-from .callbacks.gather import GatherPredsCB
-from .callbacks.hooks import ActivationStatsCB, Hook, Hooks
-from .callbacks.loggers import CSVLoggerCB, TensorBoardCB
-from .callbacks.lr_finder import LRFinderCB, LRFindResult
-from .callbacks.metrics import Accuracy, MetricsCB
-from .callbacks.progress import ProgressCB
-from .callbacks.recorder import Recorder
-from .callbacks.schedule import BatchSchedCB, EpochSchedCB, OneCycle
-from .callbacks.tracking import (
+from .callbacks import (
+    ORDERS,
+    Accuracy,
+    ActivationStatsCB,
+    BatchSchedCB,
+    Callback,
     CheckpointCB,
+    CompileCB,
+    CSVLoggerCB,
+    DeviceCB,
+    DistributedCB,
     EarlyStoppingCB,
+    EpochSchedCB,
+    GatherPredsCB,
+    GradAccumCB,
+    GradClipCB,
+    Hook,
+    Hooks,
+    LimitBatchesCB,
+    LRFinderCB,
+    LRFindResult,
+    MetricsCB,
+    MixedPrecisionCB,
+    OneCycle,
+    ProgressCB,
+    Recorder,
+    SingleBatchCB,
     StopReason,
+    TensorBoardCB,
     TerminateOnNaNCB,
 )
-from .callbacks.training import GradAccumCB, GradClipCB, MixedPrecisionCB
+from .callbacks.device import default_device, to_device
 from .data.hf import collate_dict, inplace
 from .data.loaders import DataLoaders
+from .dist import is_main_process, rank, world_size
 from .events import (
     EVENTS,
     CancelBackwardException,
@@ -39,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EVENTS",
+    "ORDERS",
     "Accuracy",
     "ActivationStatsCB",
     "BatchSchedCB",

@@ -13,10 +13,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .learner import Learner
 
 __all__ = ["build", "main", "run", "train"]
 
@@ -61,7 +64,7 @@ class _ToXY:
 
 def build(
     data: str = "digits", model: str = "cnn", lr: float = 3e-3, bs: int = 64
-) -> tuple[Any, nn.Module]:
+) -> tuple[Learner, nn.Module]:
     """Load `data`, make its batched DataLoaders and `model`; return the Learner and the model."""
     from .callbacks.metrics import Accuracy, MetricsCB
     from .data.loaders import DataLoaders
@@ -91,9 +94,9 @@ def build(
     return learn, net
 
 
-def run(learn: Any, net: nn.Module, epochs: int, out: str) -> dict[str, Any]:
+def run(learn: Learner, net: nn.Module, epochs: int, out: str) -> dict[str, Any]:
     """Fit for `epochs`; on rank 0 print the accuracy and write `loss.png` and `model.pt` to `out`."""
-    from .callbacks.distributed import is_main_process
+    from .dist import is_main_process
 
     learn.fit(epochs)
     row = dict(learn.epoch_log)

@@ -8,32 +8,61 @@ get a note naming the callback, the event and where the loop was (`_where`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .callbacks.core import check_callback, dispatch_table, displaced, sort_callbacks
+from .callbacks.core import Callback, check_callback
 from .errors import add_note
 from .events import EVENTS, CancelException
 
-__all__ = ["CallbackHost"]
+__all__ = ["CallbackHost", "dispatch_table", "displaced", "sort_callbacks"]
 
 log = logging.getLogger(__name__)
 
 Hook = Callable[..., Any]
+Table = dict[str, list[tuple[Callback, Hook]]]
+
+
+def sort_callbacks(cbs: Iterable[Callback]) -> list[Callback]:
+    """Callbacks in ascending `order`; ties keep the given order (sorted() is stable)."""
+    return sorted(cbs, key=lambda cb: cb.order)
+
+
+def dispatch_table(cbs: Iterable[Callback]) -> Table:
+    """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order."""
+    table: Table = {}
+    for cb in sort_callbacks(cbs):
+        for event in EVENTS:
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                table.setdefault(event, []).append((cb, hook))
+    return table
+
+
+def displaced(
+    attached: Iterable[Callback], incoming: Iterable[Callback]
+) -> list[Callback]:
+    """The `unique` callbacks among `attached` that one of `incoming` replaces (same kind or a subclass)."""
+    incoming = list(incoming)
+    return [
+        c
+        for c in attached
+        if getattr(c, "unique", False) and any(isinstance(x, type(c)) for x in incoming)
+    ]
 
 
 class CallbackHost:
     """Holds `cbs` in `order` and fires events at them; the Learner's base class."""
 
-    cbs: list[Any]
+    cbs: list[Callback]
 
     def __init__(self) -> None:
         self.cbs = []
-        self._table: dict[str, list[tuple[Any, Hook]]] = {}
+        self._table: Table = {}
 
     # ---------------------------------------------------------------- callbacks
-    def add_cbs(self, *cbs: Any) -> CallbackHost:
+    def add_cbs(self, *cbs: Callback) -> CallbackHost:
         """Attach callbacks (checked first: instances, hook names, hook signatures)."""
         for i, cb in enumerate(cbs):
             check_callback(cb)
@@ -45,7 +74,7 @@ class CallbackHost:
         self._table = dispatch_table(self.cbs)
         return self
 
-    def remove_cbs(self, *cbs: Any) -> CallbackHost:
+    def remove_cbs(self, *cbs: Callback) -> CallbackHost:
         """Detach callbacks that were attached with `cbs=` or `add_cbs`."""
         for cb in cbs:
             if not any(cb is c for c in self.cbs):
@@ -109,7 +138,7 @@ class CallbackHost:
             raise first
 
     @contextmanager
-    def _attached(self, extra: list[Any]) -> Iterator[None]:
+    def _attached(self, extra: Sequence[Callback]) -> Iterator[None]:
         """Attach `extra` for one run (replacing attached `unique` ones of its kind), then restore."""
         hidden = displaced(self.cbs, extra)
         if hidden:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["add_note", "check_not_empty", "describe"]
+__all__ = ["add_note", "check_int", "check_not_empty", "describe"]
 
 
 def add_note(e: BaseException, note: str, once: bool = True) -> None:
@@ -43,3 +43,14 @@ def check_not_empty(dl: Any, name: str) -> None:
             f"dls.{name} is empty (0 batches): check the dataset's length, and that batch_size "
             "is not larger than the dataset while drop_last=True."
         )
+
+
+def check_int(value: object, name: str, minimum: int = 1, unit: str = "") -> int:
+    """Return `value` if it is an int >= `minimum`, else raise a ValueError naming `name`.
+
+    `name` says whose argument it is (`"CheckpointCB every"`); `unit` what it counts (`"epochs"`).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f" ({unit})" if unit else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{what}, got {value!r}.")
+    return value

@@ -8,29 +8,35 @@ fires the events.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .callbacks.core import Callback, check_callback, displaced
+from .callbacks.core import Callback, check_callback
+from .callbacks.device import DeviceCB
+from .callbacks.distributed import DistributedCB
 from .callbacks.gather import GatherPredsCB
+from .callbacks.metrics import MetricsCB
+from .callbacks.progress import ProgressCB
+from .callbacks.recorder import Recorder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
-from .dispatch import CallbackHost
-from .errors import add_note, check_not_empty, describe
+from .dispatch import CallbackHost, displaced
+from .dist import barrier, world_size
+from .errors import add_note, check_int, check_not_empty, describe
 from .events import (
     LEVELS,
-    CancelBackwardException,
     CancelBatchException,
-    CancelEpochException,
     CancelException,
     CancelFitException,
-    CancelStepException,
 )
+from .types import PathLike
+
+if TYPE_CHECKING:
+    from .callbacks.lr_finder import LRFindResult
 
 __all__ = ["Learner"]
 
@@ -42,7 +48,8 @@ class Learner(CallbackHost):
 
     Device placement, metrics, the recorder and the progress bar are default callbacks
     (DeviceCB, MetricsCB, Recorder, ProgressCB); passing a callback of the same kind in
-    `cbs` replaces the default, and `default_cbs=False` attaches none of them.
+    `cbs` replaces the default, and `default_cbs=False` attaches none of them. After a fit the
+    model is left in eval mode, ready for inference (as fastai leaves it).
 
     Example:
         >>> import torch
@@ -60,7 +67,7 @@ class Learner(CallbackHost):
     dls: DataLoaders
     loss_func: Callable[..., Tensor]
     opt: torch.optim.Optimizer | None
-    cbs: list[Any]
+    lr: float
     n_epochs: int
     epoch: int
     epochs_done: int
@@ -81,7 +88,7 @@ class Learner(CallbackHost):
         dls: DataLoaders,
         loss_func: Callable[..., Tensor] = F.cross_entropy,
         lr: float = 1e-2,
-        cbs: Sequence[Any] | None = None,
+        cbs: Sequence[Callback] | None = None,
         opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
         default_cbs: bool = True,
     ) -> None:
@@ -101,10 +108,10 @@ class Learner(CallbackHost):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         check_not_empty(dls.train, "train")
+        super().__init__()
         self.model, self.dls, self.loss_func = model, dls, loss_func
         self.lr, self.opt_func = lr, opt_func
         self.opt = None
-        super().__init__()
         self.n_epochs = self.epoch = self.epochs_done = self.iter = 0
         self.n_iter = None
         self.training = False
@@ -118,10 +125,8 @@ class Learner(CallbackHost):
         self.add_cbs(*[d for d in defaults if d not in replaced], *user_cbs)
 
     @property
-    def recorder(self) -> Any:
+    def recorder(self) -> Recorder:
         """The attached `Recorder` (per-batch learning rates and losses)."""
-        from .callbacks.recorder import Recorder
-
         for cb in self.cbs:
             if isinstance(cb, Recorder):
                 return cb
@@ -157,23 +162,22 @@ class Learner(CallbackHost):
         """Reset the gradients (to None, as torch does by default)."""
         self.opt.zero_grad()  # type: ignore[union-attr]
 
-    # ---------------------------------------------------------------- the loop
+    # ---------------------------------------------------------------- fitting
     def fit(
         self,
         n_epochs: int = 1,
         train: bool = True,
         valid: bool = True,
-        cbs: Sequence[Any] | None = None,
+        cbs: Sequence[Callback] | None = None,
         lr: float | None = None,
-        resume: str | os.PathLike[str] | None = None,
+        resume: PathLike | None = None,
     ) -> None:
         """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate.
 
         `resume` (a checkpoint file, or a CheckpointCB folder meaning its `last.pt`) restores the
         learner from it first and runs the epochs that remain up to `n_epochs` in all.
         """
-        if not isinstance(n_epochs, int) or n_epochs < 0:
-            raise ValueError(f"n_epochs must be a non-negative int, got {n_epochs!r}.")
+        check_int(n_epochs, "fit n_epochs", minimum=0)
         if lr is not None and lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if train:
@@ -181,11 +185,7 @@ class Learner(CallbackHost):
         with self._attached(list(cbs or [])):
             start = 0
             if resume is not None:
-                if (
-                    torch.distributed.is_available()
-                    and torch.distributed.is_initialized()
-                ):
-                    torch.distributed.barrier()  # rank 0 may still be writing the checkpoint
+                barrier()  # under torchrun, rank 0 may still be writing the checkpoint
                 self.load(resume)
                 start = self.epochs_done
                 if start >= n_epochs:
@@ -204,24 +204,50 @@ class Learner(CallbackHost):
         self,
         n_epochs: int,
         lr_max: float | Sequence[float] | None = None,
-        **kwargs: Any,
+        pct_start: float = 0.25,
+        div: float = 25.0,
+        div_final: float = 1e5,
+        moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
+        cbs: Sequence[Callback] | None = None,
+        resume: PathLike | None = None,
     ) -> None:
-        """Fit with the one-cycle policy (see `learnloop.callbacks.schedule.fit_one_cycle` for `kwargs`)."""
-        from .callbacks.schedule import fit_one_cycle
+        """Fit with fastai's one-cycle policy peaking at `lr_max` (default `self.lr`); see `OneCycle`.
 
-        fit_one_cycle(self, n_epochs, lr_max, **kwargs)
+        The learning rate warms up from `lr_max/div` over the first `pct_start` of the batches,
+        then anneals to `lr_max/div_final`; momentum (or Adam's beta1) moves through `moms`.
+        `resume=folder` continues the schedule from a checkpoint.
+        """
+        from .callbacks.schedule import one_cycle
+
+        lr_max = self.lr if lr_max is None else lr_max
+        sched = one_cycle(self, n_epochs, lr_max, pct_start, div, div_final, moms)
+        self.fit(n_epochs, cbs=[sched, *(cbs or [])], resume=resume)
 
     def lr_find(
         self,
         start_lr: float = 1e-7,
         end_lr: float = 10.0,
         num_it: int = 100,
-        **kwargs: Any,
-    ) -> float:
-        """Sweep the learning rate, restore the learner, return the suggestion (see `callbacks.lr_finder`)."""
-        from .callbacks.lr_finder import lr_find
+        stop_div: bool = True,
+        suggest: str = "valley",
+        cbs: Sequence[Callback] | None = None,
+    ) -> LRFindResult:
+        """Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; return the suggestion.
 
-        return lr_find(self, start_lr, end_lr, num_it, **kwargs)
+        The learner is restored afterwards, bit for bit (see `learnloop.callbacks.lr_finder`).
+        `suggest` is 'valley' (fastai's default), 'steep' (steepest fall of the loss) or
+        'minimum' (a tenth of the lr at the lowest loss); `stop_div` stops when the loss diverges.
+        The result is a float with the sweep attached: `.plot()` draws it.
+        """
+        from .callbacks.lr_finder import SUGGESTERS, LRFinderCB, run_sweep
+
+        if suggest not in SUGGESTERS:
+            raise ValueError(
+                f"suggest={suggest!r} is not a method; choose one of {sorted(SUGGESTERS)}."
+            )
+        finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+        run_sweep(self, finder, list(cbs or []))
+        return finder.result(suggest)
 
     def _prepare_opt(self, lr: float | None) -> None:
         if lr is not None:
@@ -234,6 +260,7 @@ class Learner(CallbackHost):
         # A fit interrupted between backward and zero_grad left gradients behind: don't add to them.
         self.opt.zero_grad()
 
+    # ---------------------------------------------------------------- the loop
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
         # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.
         self.epoch = self.epochs_done = start
@@ -245,7 +272,6 @@ class Learner(CallbackHost):
                 self._run_level(
                     "epoch", lambda: self._one_epoch(train, valid), epoch=epoch
                 )
-                self.epochs_done = epoch + 1  # also when the epoch was cancelled
         except CancelFitException as e:
             self._fire("after_cancel_fit", exception=e)
         except CancelException as e:
@@ -260,27 +286,27 @@ class Learner(CallbackHost):
             self._fire_cleanup("after_fit", failure, n_epochs=n_epochs)
             # Drop the last batch, its graph and activations: nothing should outlive the fit.
             self.batch = self.xb = self.yb = self.preds = self.loss = None
+            self.model.eval()  # ready for inference, as fastai leaves it
 
     def _run_level(self, level: str, body: Callable[[], None], **context: Any) -> None:
         """before_<level>, body, after_<level>; the level's Cancel exception skips to after_cancel_<level>."""
+        before, after, after_cancel, cancel = _LEVEL_EVENTS[level]
         try:
-            self._fire(f"before_{level}", **context)
+            self._fire(before, **context)
             body()
-        except LEVELS[level] as e:
-            self._fire(f"after_cancel_{level}", exception=e)
-        self._fire(f"after_{level}", **context)
+        except cancel as e:
+            self._fire(after_cancel, exception=e)
+        if level == "epoch":
+            # Counted before after_epoch fires (a cancelled epoch too), so that a checkpoint
+            # written there resumes at the next epoch.
+            self.epochs_done = self.epoch + 1
+        self._fire(after, **context)
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
-        try:
-            if train:
-                self._one_phase(self.dls.train, training=True)
-            if valid:
-                self._one_phase(self.dls.valid, training=False)
-        except CancelEpochException:
-            self.epochs_done = self.epoch + 1
-            raise
-        # Counted before after_epoch fires, so a checkpoint written there resumes at the next epoch.
-        self.epochs_done = self.epoch + 1
+        if train:
+            self._one_phase(self.dls.train, training=True)
+        if valid:
+            self._one_phase(self.dls.valid, training=False)
 
     def _one_phase(self, dl: Iterable[Any], training: bool) -> None:
         self.training, self.dl = training, dl
@@ -295,13 +321,15 @@ class Learner(CallbackHost):
                     level, lambda: self._all_batches(self.dl), epoch=self.epoch
                 )
         finally:
-            self.model.train(was_training or not training)
+            self.model.train(was_training)
 
     def _all_batches(self, dl: Iterable[Any]) -> None:
         for i, batch in enumerate(dl):
             self._one_batch(i, batch)
 
     def _one_batch(self, i: int, batch: Any) -> None:
+        # The batch level is written out, not run by _run_level: after_batch passes the loss,
+        # which before_batch cannot.
         self.iter, self.batch = i, batch
         self.preds = self.loss = None  # a cancelled batch must not show the last one's
         fire = self._fire
@@ -313,31 +341,21 @@ class Learner(CallbackHost):
             self._guarded(self.get_loss, "the loss (get_loss)")
             fire("after_loss", loss=self.loss)
             if self.training:
-                self._backward_level()
-                self._step_level()
+                self._run_level("backward", self._backward, loss=self.loss)
+                self._run_level("step", self._step)
                 self.zero_grad()
         except CancelBatchException as e:
             fire("after_cancel_batch", exception=e)
         fire("after_batch", iter=i, loss=self.loss)
 
-    def _backward_level(self) -> None:
-        loss = self.loss
-        try:
-            self._fire("before_backward", loss=loss)
-            self._guarded(self.backward, "the backward pass (backward)")
-        except CancelBackwardException as e:
-            self._fire("after_cancel_backward", exception=e)
-        self._fire("after_backward", loss=loss)
+    def _backward(self) -> None:
+        self._guarded(self.backward, "the backward pass (backward)")
 
-    def _step_level(self) -> None:
-        try:
-            self._fire("before_step")
-            self.step()
-        except CancelStepException as e:
-            self._fire("after_cancel_step", exception=e)
-        self._fire("after_step")
+    def _step(self) -> None:
+        self._guarded(self.step, "the optimizer step (step)")
 
     def _guarded(self, piece: Callable[[], None], what: str) -> None:
+        """Run a step piece; an error gets a note saying where, with the shapes involved."""
         try:
             piece()
         except CancelException:
@@ -346,7 +364,7 @@ class Learner(CallbackHost):
             note = f"learnloop: raised in {what} ({self._where()}); inputs {describe(self.xb)}"
             if piece.__name__ != "predict":
                 note += f", preds {describe(self.preds)}, targets {describe(self.yb)}"
-            if piece.__name__ == "backward":
+            if piece.__name__ in ("backward", "step"):
                 note += f", loss {describe(self.loss)}"
             add_note(e, note + ".")
             raise
@@ -367,36 +385,42 @@ class Learner(CallbackHost):
         )
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self, path: str | os.PathLike[str]) -> Learner:
+    def save(self, path: PathLike) -> Learner:
         """Write a checkpoint (model, optimizer, callback states, counters, RNG states) atomically to `path`."""
         save_checkpoint(self, path)
         return self
 
-    def load(self, path: str | os.PathLike[str]) -> Learner:
+    def load(self, path: PathLike) -> Learner:
         """Restore everything `save` wrote; a bad file raises ValueError and changes nothing."""
         load_checkpoint(self, path)
         return self
 
     # ---------------------------------------------------------------- inference
     def validate(
-        self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None
+        self, dl: Iterable[Any] | None = None, cbs: Sequence[Callback] | None = None
     ) -> dict[str, Any]:
         """Loss and metrics over `dl` (default `dls.valid`), without touching the weights.
 
         Only the validation events fire (before_validate ... after_validate); the result is
         what the metrics callback logged, e.g. `{'valid_loss': 0.31, 'accuracy': 0.9}`.
+        The model's train/eval mode is left as it was found.
         """
         return self._evaluate(dl, list(cbs or []))
 
     def get_preds(
-        self, dl: Iterable[Any] | None = None, cbs: Sequence[Any] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph."""
+        self, dl: Iterable[Any] | None = None, cbs: Sequence[Callback] | None = None
+    ) -> tuple[Tensor, Any]:
+        """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph.
+
+        Several targets per batch come back as a tuple of tensors. The model's mode is kept.
+        """
         gather = GatherPredsCB()
         self._evaluate(dl, [gather, *(cbs or [])])
         return gather.result()
 
-    def _evaluate(self, dl: Iterable[Any] | None, extra: list[Any]) -> dict[str, Any]:
+    def _evaluate(
+        self, dl: Iterable[Any] | None, extra: list[Callback]
+    ) -> dict[str, Any]:
         """One validation phase over `dl`; returns its log and leaves `epoch_log` as it was."""
         dl = self.dls.valid if dl is None else dl
         if dl is None:
@@ -409,9 +433,8 @@ class Learner(CallbackHost):
                 except CancelException as e:  # any cancel ends an evaluation, cleanly
                     self._fire("after_cancel_validate", exception=e)
                     self._fire("after_validate", epoch=self.epoch)
-                except (
-                    BaseException
-                ) as e:  # autocast contexts, bars: clean up, then raise
+                # Autocast contexts, bars: clean up, then raise.
+                except BaseException as e:
                     self._fire_cleanup("after_validate", e, epoch=self.epoch)
                     raise
             return dict(self.epoch_log)
@@ -423,14 +446,14 @@ class Learner(CallbackHost):
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
 
 
-def _default_callbacks() -> list[Callback]:
-    # Imported here: callback modules import learnloop.events, and the defaults stay swappable.
-    from .callbacks.device import DeviceCB
-    from .callbacks.distributed import DistributedCB, world_size
-    from .callbacks.metrics import MetricsCB
-    from .callbacks.progress import ProgressCB
-    from .callbacks.recorder import Recorder
+# For each level: its before, after and after_cancel events and the exception that cancels it.
+_LEVEL_EVENTS = {
+    level: (f"before_{level}", f"after_{level}", f"after_cancel_{level}", exc)
+    for level, exc in LEVELS.items()
+}
 
+
+def _default_callbacks() -> list[Callback]:
     defaults: list[Callback] = [DeviceCB(), MetricsCB(), Recorder(), ProgressCB()]
     if world_size() > 1:  # launched by torchrun with several processes
         defaults.append(DistributedCB())

@@ -24,7 +24,7 @@ from learnloop import (
     Learner,
     MetricsCB,
 )
-from learnloop.callbacks.distributed import rank, world_size
+from learnloop.dist import rank, world_size
 
 PER_RANK_BS = 8  # 2 processes: a global batch of 16
 N_TRAIN, N_VALID = 96, 45  # 45 rows split 23/22: padding would count one row twice

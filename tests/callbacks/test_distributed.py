@@ -34,7 +34,7 @@ from learnloop import (
     MetricsCB,
     ProgressCB,
 )
-from learnloop.callbacks.distributed import (
+from learnloop.dist import (
     is_main_process,
     rank,
     shard_loader,

@@ -94,7 +94,7 @@ class TestTensorBoardCB:
             TensorBoardCB()
 
     def test_writes_event_files(self, tmp_path):
-        """With tensorboard installed, a fit writes an event file to log_dir."""
+        """With tensorboard installed, a fit writes an event file to the folder `path`."""
         pytest.importorskip("tensorboard")
         from tensorboard.backend.event_processing.event_accumulator import (
             EventAccumulator,

@@ -76,7 +76,15 @@ class TestRestore:
         assert learn.opt is opt
         assert_same(model_before, learn.model.state_dict())
         assert_same(opt_before, learn.opt.state_dict())
-        assert learn.model.training
+        assert not learn.model.training  # as the fit left it
+
+    @pytest.mark.parametrize("training", [True, False])
+    def test_model_mode_is_restored(self, training):
+        """The model comes back in the train or eval mode it was in before the sweep."""
+        learn = trained_learner()
+        learn.model.train(training)
+        learn.lr_find(num_it=10)
+        assert learn.model.training is training
 
     def test_no_optimizer_before_means_none_after(self):
         """If the learner had no optimizer yet, it has none after the sweep, and the weights are unchanged."""

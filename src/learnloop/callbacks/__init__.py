@@ -1,18 +1,49 @@
-"""Built-in callbacks, one module per concern."""
+"""Built-in callbacks, one module per concern; every one of them is exported here."""
 
-from .core import Callback
+from .compile import CompileCB
+from .core import ORDERS, Callback
+from .debug import LimitBatchesCB, SingleBatchCB
 from .device import DeviceCB
+from .distributed import DistributedCB
 from .gather import GatherPredsCB
+from .hooks import ActivationStatsCB, Hook, Hooks
+from .loggers import CSVLoggerCB, TensorBoardCB
+from .lr_finder import LRFinderCB, LRFindResult
 from .metrics import Accuracy, MetricsCB
 from .progress import ProgressCB
 from .recorder import Recorder
+from .schedule import BatchSchedCB, EpochSchedCB, OneCycle
+from .tracking import CheckpointCB, EarlyStoppingCB, StopReason, TerminateOnNaNCB
+from .training import GradAccumCB, GradClipCB, MixedPrecisionCB
 
 __all__ = [
+    "ORDERS",
     "Accuracy",
+    "ActivationStatsCB",
+    "BatchSchedCB",
+    "CSVLoggerCB",
     "Callback",
+    "CheckpointCB",
+    "CompileCB",
     "DeviceCB",
+    "DistributedCB",
+    "EarlyStoppingCB",
+    "EpochSchedCB",
     "GatherPredsCB",
+    "GradAccumCB",
+    "GradClipCB",
+    "Hook",
+    "Hooks",
+    "LRFindResult",
+    "LRFinderCB",
+    "LimitBatchesCB",
     "MetricsCB",
+    "MixedPrecisionCB",
+    "OneCycle",
     "ProgressCB",
     "Recorder",
+    "SingleBatchCB",
+    "StopReason",
+    "TensorBoardCB",
+    "TerminateOnNaNCB",
 ]

@@ -13,11 +13,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback
+from .core import ORDERS, Callback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["CompileCB", "check_compile"]
 
@@ -66,7 +69,7 @@ class CompileCB(Callback):
         >>> learn = Learner(model, dls, cbs=[CompileCB(mode="max-autotune")])  # doctest: +SKIP
     """
 
-    order = -15  # after DeviceCB (-20) has put the model on its device
+    order = ORDERS["CompileCB"]
 
     def __init__(
         self,
@@ -77,7 +80,7 @@ class CompileCB(Callback):
         self.backend, self.check, self.compile_kwargs = backend, check, compile_kwargs
         self._compiled: Any = None
 
-    def _compile(self, learn: Any) -> None:
+    def _compile(self, learn: Learner) -> None:
         if self._compiled is learn.model:
             return
         if self.check:
@@ -91,10 +94,10 @@ class CompileCB(Callback):
             self.backend,
         )
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._compile(learn)
 
-    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._compile(learn)
 
     def __repr__(self) -> str:

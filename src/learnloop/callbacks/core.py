@@ -11,18 +11,38 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..events import EVENT_CONTEXT, EVENTS
 
-__all__ = [
-    "Callback",
-    "check_callback",
-    "dispatch_table",
-    "displaced",
-    "sort_callbacks",
-]
+__all__ = ["ORDERS", "Callback", "check_callback"]
+
+# The `order` of every built-in callback, in the order they run (lower first); each class takes
+# its own from here. Your callbacks default to 0; place one by name, e.g.
+# `order = MetricsCB.order + 1` to run after the metrics are recorded.
+ORDERS: dict[str, int] = {
+    "LimitBatchesCB": -30,  # before DeviceCB moves a batch that will not run
+    "DeviceCB": -20,  # model and batch on the device before anyone reads them
+    "CompileCB": -15,  # compiles the model once it is on its device
+    "DistributedCB": -10,  # wraps the placed model in DDP, shards the loaders
+    "LRFinderCB": -5,  # sets the sweep's lr in before_batch before anyone reads it
+    "ActivationStatsCB": 5,
+    "MetricsCB": 10,  # records the batch loss in after_loss, builds the epoch's row
+    "TerminateOnNaNCB": 15,  # right after MetricsCB has recorded the loss
+    "Recorder": 20,
+    "GradAccumCB": 25,  # divides the loss before the (scaled) backward
+    "BatchSchedCB": 27,
+    "EpochSchedCB": 27,  # reads the epoch's row after MetricsCB has filled it
+    "MixedPrecisionCB": 30,  # scaled backward, unscale, scaler step
+    "GradClipCB": 35,  # clips the unscaled, true gradients
+    "CSVLoggerCB": 40,  # after MetricsCB has finished the row
+    "TensorBoardCB": 45,
+    "CheckpointCB": 50,
+    "ProgressCB": 60,  # the table shows the finished row
+    "EarlyStoppingCB": 90,  # after the checkpoint and the table have seen the epoch
+    "GatherPredsCB": 100,
+    "SingleBatchCB": 1000,  # last: the batch completes for every other callback first
+}
 
 
 def _squash(name: str) -> str:
@@ -45,6 +65,7 @@ class Callback:
         ...         print("finished epoch", epoch)
     """
 
+    #: Callbacks run in ascending order; see `ORDERS` for the built-in ones.
     order: int = 0
     #: False: `learn.lr_find` detaches this callback during its sweep.
     run_in_lr_find: bool = True
@@ -98,16 +119,6 @@ def _nearest_event(name: str) -> str | None:
     return None
 
 
-def displaced(attached: Iterable[Any], incoming: Iterable[Any]) -> list[Any]:
-    """The `unique` callbacks among `attached` that one of `incoming` replaces (same kind or a subclass)."""
-    incoming = list(incoming)
-    return [
-        c
-        for c in attached
-        if getattr(c, "unique", False) and any(isinstance(x, type(c)) for x in incoming)
-    ]
-
-
 def _check_signature(cb: Any, event: str) -> None:
     hook = getattr(cb, event)
     if not callable(hook):
@@ -152,21 +163,3 @@ def check_callback(cb: Any) -> None:
                 f"{type(cb).__name__}.{name} looks like an event but is not one: "
                 f"did you mean {nearest}? Valid events: {', '.join(EVENTS)}."
             )
-
-
-def sort_callbacks(cbs: Iterable[Any]) -> list[Any]:
-    """Callbacks in ascending `order`; ties keep the given order (sorted() is stable)."""
-    return sorted(cbs, key=lambda cb: cb.order)
-
-
-def dispatch_table(
-    cbs: Iterable[Any],
-) -> dict[str, list[tuple[Any, Callable[..., Any]]]]:
-    """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order."""
-    table: dict[str, list[tuple[Any, Callable[..., Any]]]] = {}
-    for cb in sort_callbacks(cbs):
-        for event in EVENTS:
-            hook = getattr(cb, event, None)
-            if hook is not None:
-                table.setdefault(event, []).append((cb, hook))
-    return table

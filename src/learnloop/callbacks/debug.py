@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import check_int
 from ..events import CancelFitException, CancelTrainException, CancelValidException
-from .core import Callback
+from .core import ORDERS, Callback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["LimitBatchesCB", "SingleBatchCB"]
 
@@ -19,9 +23,9 @@ class SingleBatchCB(Callback):
         >>> learn.fit(1, cbs=[SingleBatchCB()])  # doctest: +SKIP
     """
 
-    order = 1000  # last, so the batch completes for every other callback first
+    order = ORDERS["SingleBatchCB"]
 
-    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         raise CancelFitException("SingleBatchCB: stopping after one batch")
 
 
@@ -35,32 +39,29 @@ class LimitBatchesCB(Callback):
         >>> learn.fit(2, cbs=[LimitBatchesCB(train=5, valid=2)])  # doctest: +SKIP
     """
 
-    # Before DeviceCB moves a batch that will not run, and before the bars are sized.
-    order = -30
+    order = ORDERS["LimitBatchesCB"]
 
     def __init__(self, train: int | None = None, valid: int | None = None) -> None:
         for name, n in (("train", train), ("valid", valid)):
-            if n is not None and (not isinstance(n, int) or n < 1):
-                raise ValueError(
-                    f"LimitBatchesCB {name} must be None or an int >= 1 (batches), got {n!r}."
-                )
+            if n is not None:
+                check_int(n, f"LimitBatchesCB {name} (None for all)", unit="batches")
         self.train, self.valid = train, valid
 
-    def _limit(self, learn: Any) -> int | None:
+    def _limit(self, learn: Learner) -> int | None:
         return self.train if learn.training else self.valid
 
-    def _shorten(self, learn: Any) -> None:
+    def _shorten(self, learn: Learner) -> None:
         limit = self._limit(learn)
         if limit is not None and learn.n_iter is not None:
             learn.n_iter = min(learn.n_iter, limit)
 
-    def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._shorten(learn)
 
-    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._shorten(learn)
 
-    def before_batch(self, learn: Any, iter: int, **kwargs: Any) -> None:
+    def before_batch(self, learn: Learner, iter: int, **kwargs: Any) -> None:
         # The loader has already produced this batch; stopping here skips its work, not its loading.
         limit = self._limit(learn)
         if limit is not None and iter >= limit:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback
+from ..tensors import map_tensors
+from .core import ORDERS, Callback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["DeviceCB", "default_device", "move_optimizer_state", "to_device"]
 
@@ -30,22 +33,13 @@ def default_device() -> torch.device:
 
 def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
     """Move tensors in `obj` (nested tuples, lists and dicts too) to `device`; other values pass through."""
-    return _move(obj, torch.device(device), non_blocking)
+    device = torch.device(device)
 
+    # Tensors already there are returned as they are (`.to` would only parse its arguments).
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == device else t.to(device, non_blocking=non_blocking)
 
-def _move(obj: Any, device: torch.device, non_blocking: bool) -> Any:
-    # Per batch: tensors already there are returned as they are (`.to` would only parse its arguments).
-    if isinstance(obj, torch.Tensor):
-        return (
-            obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
-        )
-    if isinstance(obj, Mapping):
-        return type(obj)({k: _move(v, device, non_blocking) for k, v in obj.items()})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*[_move(v, device, non_blocking) for v in obj])
-    if isinstance(obj, (list, tuple)):
-        return type(obj)([_move(v, device, non_blocking) for v in obj])
-    return obj
+    return map_tensors(move, obj)
 
 
 def move_optimizer_state(opt: torch.optim.Optimizer) -> None:
@@ -70,16 +64,15 @@ class DeviceCB(Callback):
         >>> learn = Learner(model, dls, cbs=[DeviceCB("cpu")])  # doctest: +SKIP
     """
 
-    unique = (
-        True  # a DeviceCB passed to the Learner or to fit replaces the attached one
-    )
+    # a DeviceCB passed to the Learner or to fit replaces the attached one
+    unique = True
 
-    order = -20
+    order = ORDERS["DeviceCB"]
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
 
-    def _place_model(self, learn: Any) -> None:
+    def _place_model(self, learn: Learner) -> None:
         first = next(learn.model.parameters(), None)
         if first is None or first.device != self.device:
             learn.model.to(self.device)
@@ -87,14 +80,14 @@ class DeviceCB(Callback):
             if learn.opt is not None:
                 move_optimizer_state(learn.opt)
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._place_model(learn)
 
-    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._place_model(learn)  # validate()/get_preds() run without before_fit
 
-    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        learn.batch = _move(learn.batch, self.device, True)
+    def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        learn.batch = to_device(learn.batch, self.device)
 
     def __repr__(self) -> str:
         return f"DeviceCB(device={str(self.device)!r})"

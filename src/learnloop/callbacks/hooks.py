@@ -19,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import unwrap_model
-from .core import Callback
+from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from typing_extensions import Self  # typing.Self needs Python 3.11
+
+    from ..learner import Learner
 
 __all__ = ["ActivationStatsCB", "Hook", "Hooks"]
 
@@ -142,7 +144,7 @@ class ActivationStatsCB(Callback):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 0
+    order = ORDERS["ActivationStatsCB"]
 
     def __init__(
         self,
@@ -156,7 +158,7 @@ class ActivationStatsCB(Callback):
         self.hooks: Hooks | None = None
         self._stats: list[dict[str, list[Any]]] = []
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         picked = [
             (n, m)
             for n, m in unwrap_model(learn.model).named_modules()
@@ -175,15 +177,15 @@ class ActivationStatsCB(Callback):
         self._index = {id(m): i for i, m in enumerate(self._modules)}
         self._stats = [{"mean": [], "std": [], "hist": [], "numel": []} for _ in picked]
 
-    def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._remove()
         # Training only: removed again in after_train.
         self.hooks = Hooks(self._modules, self._record)
 
-    def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._remove()
 
-    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._remove()  # after_train does not run when the fit ends in an error or interrupt
 
     def _remove(self) -> None:

@@ -9,21 +9,19 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+from ..dist import is_main_process
+from ..tensors import to_plain
+from ..types import PathLike
+from .core import ORDERS, Callback
 
-from ..checkpoint import PathLike
-from .core import Callback
-from .distributed import is_main_process
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["CSVLoggerCB", "TensorBoardCB"]
 
 log = logging.getLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
 
 
 class CSVLoggerCB(Callback):
@@ -38,14 +36,14 @@ class CSVLoggerCB(Callback):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 40  # after MetricsCB has finished the row, before EarlyStoppingCB may stop the fit
+    order = ORDERS["CSVLoggerCB"]
 
     def __init__(self, path: PathLike = "history.csv") -> None:
         self.path = Path(path)
         self._fields: list[str] | None = None
         self._active = True
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._fields = None
         self._active = is_main_process()  # under torchrun only rank 0 writes
         if not self._active:
@@ -70,8 +68,8 @@ class CSVLoggerCB(Callback):
         if len(kept) < len(rows):
             self._write(kept, mode="w", header=True)
 
-    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        row = {k: _plain(v) for k, v in learn.epoch_log.items()}
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        row = {k: to_plain(v) for k, v in learn.epoch_log.items()}
         if not row or not self._active:
             return
         header = self._fields is None
@@ -100,7 +98,7 @@ class CSVLoggerCB(Callback):
 
 
 class TensorBoardCB(Callback):
-    """Logs each numeric value of `learn.epoch_log` to TensorBoard under `log_dir`, step = epoch.
+    """Logs each numeric value of `learn.epoch_log` to TensorBoard in the folder `path` (None: TensorBoard's `runs/<date>_<host>`), step = epoch.
 
     With `batch_loss=True` it also logs every training batch's loss (one host sync per batch).
     Needs the `tensorboard` package (`pip install tensorboard`).
@@ -111,11 +109,9 @@ class TensorBoardCB(Callback):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 40
+    order = ORDERS["TensorBoardCB"]
 
-    def __init__(
-        self, log_dir: PathLike | None = None, batch_loss: bool = False
-    ) -> None:
+    def __init__(self, path: PathLike | None = None, batch_loss: bool = False) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -123,21 +119,22 @@ class TensorBoardCB(Callback):
                 "TensorBoardCB needs the tensorboard package: pip install tensorboard"
             ) from e
         self._writer_cls = SummaryWriter
-        self.log_dir, self.batch_loss = log_dir, batch_loss
+        self.path = None if path is None else Path(path)
+        self.batch_loss = batch_loss
         self.writer: Any = None
         self._step = 0
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if not is_main_process():  # under torchrun only rank 0 writes
             self.writer = None
             return
         self.writer = self._writer_cls(
-            log_dir=None if self.log_dir is None else str(self.log_dir)
+            log_dir=None if self.path is None else str(self.path)
         )
         per_epoch = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 0
         self._step = learn.epoch * per_epoch  # a resumed fit continues the batch axis
 
-    def after_batch(self, learn: Any, loss: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, loss: Any, **kwargs: Any) -> None:
         if (
             self.writer is not None
             and self.batch_loss
@@ -147,16 +144,16 @@ class TensorBoardCB(Callback):
             self.writer.add_scalar("batch/train_loss", float(loss.detach()), self._step)
             self._step += 1
 
-    def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         if self.writer is None:
             return
         for key, value in learn.epoch_log.items():
-            value = _plain(value)
+            value = to_plain(value)
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
         self.writer.flush()
 
-    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None

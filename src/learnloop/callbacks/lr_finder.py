@@ -1,11 +1,13 @@
 """`lr_find`: an exponential learning-rate sweep that leaves the learner as it found it.
 
-The sweep is a short fit with `LRFinderCB` attached. Around it, `lr_find` saves and then
-restores, bit for bit: the model's parameters and buffers, the optimizer (its `state_dict`,
-state and param_groups; no optimizer afterwards if there was none before), the random number
-generators (torch, CUDA, `random`, numpy), `learn.epoch`, `epochs_done`, `n_epochs` and `epoch_log`, and the
-`state_dict()` of callbacks that have one (e.g. the GradScaler of `MixedPrecisionCB`). This holds
-when the sweep stops early on divergence and when it raises.
+The sweep (`Learner.lr_find`) is a short fit with `LRFinderCB` attached. Around it, `run_sweep`
+captures and then restores, bit for bit (with `learnloop.state`, as checkpoints do): the model's
+parameters and buffers and its train/eval mode, the optimizer (its `state_dict`, state and
+param_groups; no optimizer afterwards if there was none before), the random number generators
+(python, numpy, torch, CUDA, the train loader's), the counters (`epoch`, `epochs_done`,
+`n_epochs`, ...) and `epoch_log`, and the `state_dict()` of callbacks that have one (e.g. the
+GradScaler of `MixedPrecisionCB`). This holds when the sweep stops early on divergence and when
+it raises.
 
 What the sweep runs with: the callbacks that shape training (DeviceCB, DistributedCB,
 MixedPrecisionCB, GradAccumCB, GradClipCB, your own) stay attached; those that report, schedule or
@@ -19,25 +21,23 @@ Reading the loss for the divergence test costs one host sync per sweep batch; th
 
 from __future__ import annotations
 
-import copy
 import math
-import random
-import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..checkpoint import loader_generators
+from ..errors import check_int
 from ..events import CancelFitException
-from .core import Callback
+from ..state import capture, restore
+from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["SUGGESTERS", "LRFindResult", "LRFinderCB", "lr_find"]
+    from ..learner import Learner
 
-# Callbacks that report, schedule or track a fit: the sweep runs without them.
+__all__ = ["SUGGESTERS", "LRFindResult", "LRFinderCB"]
 
 
 def _valley(lrs: list[float], losses: list[float]) -> int:
@@ -94,12 +94,8 @@ class LRFindResult(float):
         method: str = "valley",
     ) -> LRFindResult:
         self = super().__new__(cls, value)
-        self.lrs, self.losses, self.smoothed, self.method = (
-            list(lrs),
-            list(losses),
-            list(smoothed),
-            method,
-        )
+        self.lrs, self.losses, self.smoothed = list(lrs), list(losses), list(smoothed)
+        self.method = method
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -148,7 +144,7 @@ class LRFinderCB(Callback):
         >>> lr = learn.lr_find(num_it=50)  # doctest: +SKIP
     """
 
-    order = -10  # set the lr in before_batch before anyone reads it
+    order = ORDERS["LRFinderCB"]
 
     def __init__(
         self,
@@ -163,19 +159,18 @@ class LRFinderCB(Callback):
             raise ValueError(
                 f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}."
             )
-        if num_it < 2:
-            raise ValueError(f"num_it must be >= 2, got {num_it}.")
+        check_int(num_it, "LRFinderCB num_it", minimum=2, unit="batches")
         self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
         self.stop_div, self.div_factor, self.beta = stop_div, div_factor, beta
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self.smoothed: list[float] = []
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.lrs, self.losses, self.smoothed = [], [], []
         self._avg, self._best = 0.0, math.inf
 
-    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if not learn.training:
             return
         pct = len(self.lrs) / (self.num_it - 1)
@@ -184,7 +179,7 @@ class LRFinderCB(Callback):
             group["lr"] = lr
         self.lrs.append(lr)
 
-    def after_loss(self, learn: Any, loss: torch.Tensor, **kwargs: Any) -> None:
+    def after_loss(self, learn: Learner, loss: torch.Tensor, **kwargs: Any) -> None:
         if not learn.training:
             return
         value = float(loss.detach().float())
@@ -198,7 +193,7 @@ class LRFinderCB(Callback):
             raise CancelFitException("lr_find: the loss diverged")
         self._best = min(self._best, smooth)
 
-    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if learn.training and len(self.losses) >= self.num_it:
             raise CancelFitException("lr_find: sweep done")
 
@@ -220,112 +215,21 @@ class LRFinderCB(Callback):
         return LRFindResult(lr, lrs, self.losses, smoothed, suggest)
 
 
-def _detach_for_sweep(cb: Any) -> bool:
-    return getattr(cb, "run_in_lr_find", True) is False
-
-
-def _snapshot(learn: Any) -> dict[str, Any]:
-    model = learn.model
-    tensors = {
-        f"{kind}:{name}": t.detach().clone()
-        for kind, named in (
-            ("p", model.named_parameters()),
-            ("b", model.named_buffers()),
-        )
-        for name, t in named
-        if not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
-    }
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    if "numpy" in sys.modules:
-        rng["numpy"] = sys.modules["numpy"].random.get_state()
-    return {
-        "tensors": tensors,
-        "training": model.training,
-        "opt": None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
-        "rng": rng,
-        "attrs": {
-            "epoch": learn.epoch,
-            "epochs_done": learn.epochs_done,
-            "n_epochs": learn.n_epochs,
-            "epoch_log": dict(learn.epoch_log),
-        },
-        "cbs": list(learn.cbs),
-        # Only callbacks the sweep runs can change; detached ones keep their state untouched.
-        "cb_states": {
-            id(cb): copy.deepcopy(cb.state_dict())
-            for cb in learn.cbs
-            if callable(getattr(cb, "state_dict", None))
-            and callable(getattr(cb, "load_state_dict", None))
-            and not _detach_for_sweep(cb)
-        },
-        "loaders": [g.get_state() for g in loader_generators(learn.dls.train)],
-    }
-
-
-def _restore(learn: Any, saved: dict[str, Any]) -> None:
-    model = learn.model
-    current = {
-        f"{kind}:{name}": t
-        for kind, named in (
-            ("p", model.named_parameters()),
-            ("b", model.named_buffers()),
-        )
-        for name, t in named
-    }
-    with torch.no_grad():
-        for key, value in saved["tensors"].items():
-            current[key].copy_(value)
-    model.train(saved["training"])
-    if saved["opt"] is None:
-        learn.opt = None
-    else:
-        learn.opt.load_state_dict(saved["opt"])
-    rng = saved["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["random"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if "numpy" in rng:
-        sys.modules["numpy"].random.set_state(rng["numpy"])
-    for g, state in zip(loader_generators(learn.dls.train), saved["loaders"]):
-        g.set_state(state)
-    for name, value in saved["attrs"].items():
-        setattr(learn, name, value)
-    learn.remove_cbs(*learn.cbs)
-    learn.add_cbs(*saved["cbs"])
-    for cb in learn.cbs:
-        if id(cb) in saved["cb_states"]:
-            cb.load_state_dict(saved["cb_states"][id(cb)])
-
-
-def lr_find(
-    learn: Any,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    num_it: int = 100,
-    stop_div: bool = True,
-    suggest: str = "valley",
-    cbs: Sequence[Any] | None = None,
-) -> LRFindResult:
-    """Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; return the suggestion.
-
-    The learner is restored afterwards (see the module docstring). `suggest` is one of
-    'valley' (fastai's default), 'steep' (steepest fall of the loss) or 'minimum' (a tenth of the
-    lr at the lowest loss). The result is a float with the sweep attached: `.plot()` draws it.
-    """
-    if suggest not in SUGGESTERS:
-        raise ValueError(
-            f"suggest={suggest!r} is not a method; choose one of {sorted(SUGGESTERS)}."
-        )
-    finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) -> None:
+    """Run `finder`'s sweep as a short fit, then restore `learn` as it was (see the module docstring)."""
     n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
-    n_epochs = math.ceil(num_it / max(n_iter, 1))
-    saved = _snapshot(learn)
+    n_epochs = math.ceil(finder.num_it / max(n_iter, 1))
+    saved = capture(learn, clone=True)
+    mode, epoch_log = learn.model.training, dict(learn.epoch_log)
+    attached = list(learn.cbs)
     try:
-        learn.remove_cbs(*[cb for cb in learn.cbs if _detach_for_sweep(cb)])
-        learn.fit(n_epochs, valid=False, cbs=[finder, *(cbs or [])])
+        learn.remove_cbs(
+            *[c for c in attached if not getattr(c, "run_in_lr_find", True)]
+        )
+        learn.fit(n_epochs, valid=False, cbs=[finder, *cbs])
     finally:
-        _restore(learn, saved)
-    return finder.result(suggest)
+        learn.remove_cbs(*learn.cbs)
+        learn.add_cbs(*attached)
+        restore(learn, saved)
+        learn.model.train(mode)
+        learn.epoch_log = epoch_log

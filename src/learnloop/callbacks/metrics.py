@@ -14,13 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .core import Callback
-from .distributed import is_distributed, sum_across_processes
+from ..dist import is_distributed, sum_across_processes
+from ..tensors import to_plain
+from .core import ORDERS, Callback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["Accuracy", "MetricsCB"]
 
@@ -90,13 +94,12 @@ class MetricsCB(Callback):
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
     """
 
-    unique = (
-        True  # a MetricsCB passed to the Learner or to fit replaces the attached one
-    )
+    # a MetricsCB passed to the Learner or to fit replaces the attached one
+    unique = True
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 10
+    order = ORDERS["MetricsCB"]
 
     def __init__(self, *metrics: Any, **named_metrics: Any) -> None:
         for m in (*metrics, *named_metrics.values()):
@@ -114,17 +117,17 @@ class MetricsCB(Callback):
         self.metrics.update(named_metrics)
         self.history: list[dict[str, Any]] = []
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.history = []
 
-    def before_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+    def before_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         self._start = time.perf_counter()
         learn.epoch_log = {"epoch": epoch}
 
-    def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._reset()
 
-    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._reset()
         for m in self.metrics.values():
             m.reset()
@@ -133,7 +136,7 @@ class MetricsCB(Callback):
         self._losses: list[Tensor] = []
         self._counts: list[int] = []
 
-    def after_loss(self, learn: Any, loss: Tensor, **kwargs: Any) -> None:
+    def after_loss(self, learn: Learner, loss: Tensor, **kwargs: Any) -> None:
         self._losses.append(loss.detach())
         self._counts.append(_batch_size(learn.yb, learn.xb))
         if not learn.training:
@@ -165,21 +168,16 @@ class MetricsCB(Callback):
                     name,
                 )
 
-    def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["train_loss"] = self._mean_loss()
 
-    def after_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["valid_loss"] = self._mean_loss()
         self._sync_metrics()
         for name, m in self.metrics.items():
-            value = m.compute()
-            learn.epoch_log[name] = (
-                value.item()
-                if isinstance(value, Tensor) and value.numel() == 1
-                else value
-            )
+            learn.epoch_log[name] = to_plain(m.compute())
 
-    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         learn.epoch_log["time"] = time.perf_counter() - self._start
         self.history.append(dict(learn.epoch_log))
 

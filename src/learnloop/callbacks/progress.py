@@ -12,10 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from .core import Callback
-from .distributed import is_main_process
+from ..dist import is_main_process
+from .core import ORDERS, Callback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["ProgressCB", "format_row", "in_notebook"]
 
@@ -61,13 +64,12 @@ class ProgressCB(Callback):
         >>> learn = Learner(model, dls, cbs=[ProgressCB(plot=True)])  # doctest: +SKIP
     """
 
-    unique = (
-        True  # a ProgressCB passed to the Learner or to fit replaces the attached one
-    )
+    # a ProgressCB passed to the Learner or to fit replaces the attached one
+    unique = True
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 60
+    order = ORDERS["ProgressCB"]
 
     def __init__(
         self,
@@ -109,7 +111,7 @@ class ProgressCB(Callback):
         self._bars = self.bar if self.bar is not None else (isatty or self._notebook)
         self._bars = self._bars and not self._silent
 
-    def before_fit(self, learn: Any, n_epochs: int, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, n_epochs: int, **kwargs: Any) -> None:
         self._setup()
         self._in_fit = True
         self._widths = None
@@ -128,7 +130,7 @@ class ProgressCB(Callback):
                 dynamic_ncols=True,
             )
 
-    def _start_batches(self, learn: Any, desc: str) -> None:
+    def _start_batches(self, learn: Learner, desc: str) -> None:
         if self._bars is None:  # validate()/get_preds() outside a fit
             self._setup()
         if not self._bars:
@@ -148,13 +150,13 @@ class ProgressCB(Callback):
             dynamic_ncols=True,
         )
 
-    def before_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._start_batches(learn, "train")
 
-    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._start_batches(learn, "valid")
 
-    def after_batch(self, learn: Any, loss: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, loss: Any, **kwargs: Any) -> None:
         bar = self._batch_bar
         if bar is None:
             return
@@ -180,15 +182,15 @@ class ProgressCB(Callback):
             self._batch_bar.update(self._pending)
         self._pending = 0
 
-    def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._flush_count()
 
-    def after_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._flush_count()
         if not self._in_fit:  # validate()/get_preds(): nothing else will close it
             self._close_batch_bar()
 
-    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         row = dict(learn.epoch_log)
         if row:
             if self._widths is None:
@@ -200,7 +202,7 @@ class ProgressCB(Callback):
         if self.plot and self._notebook:
             self._draw(learn)
 
-    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._in_fit = False
         self._close_batch_bar()
         if self._epoch_bar is not None:
@@ -224,7 +226,7 @@ class ProgressCB(Callback):
         else:
             print(line, file=self._out, flush=True)
 
-    def _draw(self, learn: Any) -> None:
+    def _draw(self, learn: Learner) -> None:
         try:
             recorder = learn.recorder
         except AttributeError:

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .core import Callback
+from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from ..learner import Learner
 
 __all__ = ["Recorder", "smooth"]
 
@@ -38,13 +40,12 @@ class Recorder(Callback):
         >>> learn.recorder.plot_loss().savefig("loss.png")  # doctest: +SKIP
     """
 
-    unique = (
-        True  # a Recorder passed to the Learner or to fit replaces the attached one
-    )
+    # a Recorder passed to the Learner or to fit replaces the attached one
+    unique = True
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 20
+    order = ORDERS["Recorder"]
 
     def __init__(self) -> None:
         self._reset()
@@ -55,15 +56,15 @@ class Recorder(Callback):
         self._floats: list[float] = []
         self.valid_losses: list[tuple[int, float]] = []
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._reset()
 
-    def after_loss(self, learn: Any, loss: Tensor, **kwargs: Any) -> None:
+    def after_loss(self, learn: Learner, loss: Tensor, **kwargs: Any) -> None:
         if learn.training:
             self._lrs.append(learn.opt.param_groups[0]["lr"])
             self._losses.append(loss.detach())
 
-    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         value = learn.epoch_log.get("valid_loss")
         if value is not None:
             self.valid_losses.append((len(self._lrs), float(value)))

@@ -15,13 +15,18 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .core import Callback
+from ..errors import check_int
+from .core import ORDERS, Callback
+from .tracking import monitored_value
 
-__all__ = ["BatchSchedCB", "EpochSchedCB", "OneCycle", "cos_interp", "fit_one_cycle"]
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["BatchSchedCB", "EpochSchedCB", "OneCycle"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +72,7 @@ class OneCycle:
         div_final: float = 1e5,
         moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
     ) -> None:
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        check_int(total_steps, "OneCycle total_steps", unit="batches")
         if not 0 <= pct_start <= 1:
             raise ValueError(f"pct_start must be in [0, 1], got {pct_start}.")
         if div <= 0 or div_final <= 0:
@@ -153,7 +157,7 @@ class OneCycle:
 class _SchedCB(Callback):
     """Makes a scheduler from `sched_factory(learn.opt)` at each fit start."""
 
-    order = 25  # after_epoch: read learn.epoch_log once the metrics callbacks (<= 20) have filled it
+    order = ORDERS["BatchSchedCB"]
 
     def __init__(self, sched_factory: SchedFactory) -> None:
         if not callable(sched_factory):
@@ -165,7 +169,7 @@ class _SchedCB(Callback):
         self.sched: Any = None
         self._loaded: dict[str, Any] | None = None
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         resuming, loaded, self._loaded = learn.epoch > 0, self._loaded, None
         if not resuming:
             # torch schedulers keep `initial_lr` in the optimizer: a fresh fit (with lr=, say)
@@ -220,7 +224,7 @@ class BatchSchedCB(_SchedCB):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if learn.training:
             self._step()
 
@@ -236,6 +240,7 @@ class EpochSchedCB(_SchedCB):
     """
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
+    order = ORDERS["EpochSchedCB"]
 
     def __init__(
         self, sched_factory: SchedFactory, monitor: str = "valid_loss"
@@ -243,34 +248,23 @@ class EpochSchedCB(_SchedCB):
         super().__init__(sched_factory)
         self.monitor = monitor
 
-    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if not isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self._step()
             return
-        if self.monitor not in learn.epoch_log:
-            raise KeyError(
-                f"EpochSchedCB(monitor={self.monitor!r}): no such value in learn.epoch_log, which has "
-                f"{sorted(learn.epoch_log)}; attach MetricsCB and pick one of these."
-            )
-        self._step(learn.epoch_log[self.monitor])
+        self._step(monitored_value(learn, self.monitor, "EpochSchedCB"))
 
 
-def fit_one_cycle(
-    learn: Any,
+def one_cycle(
+    learn: Learner,
     n_epochs: int,
-    lr_max: float | Sequence[float] | None = None,
-    pct_start: float = 0.25,
-    div: float = 25.0,
-    div_final: float = 1e5,
-    moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-    cbs: Sequence[Any] | None = None,
-    **fit_kwargs: Any,
-) -> None:
-    """Fit `learn` for `n_epochs` with the one-cycle policy peaking at `lr_max` (default `learn.lr`).
-
-    `fit_kwargs` go to `learn.fit` (e.g. `resume=folder` continues the schedule from a checkpoint).
-    """
-    lr_max = learn.lr if lr_max is None else lr_max
+    lr_max: float | Sequence[float],
+    pct_start: float,
+    div: float,
+    div_final: float,
+    moms: tuple[float, float, float] | None,
+) -> BatchSchedCB:
+    """The BatchSchedCB of a one-cycle schedule over `n_epochs` (what `Learner.fit_one_cycle` attaches)."""
     if not hasattr(learn.dls.train, "__len__"):
         raise TypeError(
             "fit_one_cycle needs the number of training batches, but dls.train has no len(): "
@@ -280,14 +274,6 @@ def fit_one_cycle(
     def factory(opt: torch.optim.Optimizer) -> OneCycle:
         # Called at before_fit, so the length is that of the loader the fit reads (a shard under DDP).
         total = max(n_epochs * len(learn.dls.train), 1)
-        return OneCycle(
-            opt,
-            total,
-            lr_max,
-            pct_start=pct_start,
-            div=div,
-            div_final=div_final,
-            moms=moms,
-        )
+        return OneCycle(opt, total, lr_max, pct_start, div, div_final, moms)
 
-    learn.fit(n_epochs, cbs=[BatchSchedCB(factory), *(cbs or [])], **fit_kwargs)
+    return BatchSchedCB(factory)

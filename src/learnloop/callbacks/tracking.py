@@ -11,21 +11,21 @@ import enum
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..checkpoint import PathLike, save_checkpoint
+from ..checkpoint import save_checkpoint
+from ..errors import check_int
 from ..events import CancelFitException
-from .core import Callback
+from ..tensors import to_plain
+from ..types import PathLike
+from .core import ORDERS, Callback
 
-__all__ = [
-    "CheckpointCB",
-    "EarlyStoppingCB",
-    "StopReason",
-    "TerminateOnNaNCB",
-    "monitored_value",
-]
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["CheckpointCB", "EarlyStoppingCB", "StopReason", "TerminateOnNaNCB"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ class StopReason(enum.Enum):
     NON_FINITE_LOSS = "the loss is nan or infinite"
 
 
-def monitored_value(learn: Any, monitor: str, who: str) -> float:
-    """`learn.epoch_log[monitor]` as a float; the error lists the values that exist."""
+def monitored_value(learn: Learner, monitor: str, who: str) -> float:
+    """`learn.epoch_log[monitor]` as a float; a ValueError lists the values that exist."""
     row = learn.epoch_log
     if monitor not in row:
         have = [k for k in row if k not in ("epoch", "time")]
@@ -52,8 +52,7 @@ def monitored_value(learn: Any, monitor: str, who: str) -> float:
         raise ValueError(
             f"{who} monitors {monitor!r}, which is not in learn.epoch_log; {hint}."
         )
-    value = row[monitor]
-    return float(value.item() if isinstance(value, Tensor) else value)
+    return float(to_plain(row[monitor]))
 
 
 class _Monitor:
@@ -64,12 +63,7 @@ class _Monitor:
             raise ValueError(f"{who} mode must be 'min' or 'max', got {mode!r}.")
         if min_delta < 0:
             raise ValueError(f"{who} min_delta must be >= 0, got {min_delta}.")
-        self.monitor, self.mode, self.min_delta, self.who = (
-            monitor,
-            mode,
-            min_delta,
-            who,
-        )
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
         self.best = math.inf if mode == "min" else -math.inf
 
     def improved(self, value: float) -> bool:
@@ -97,60 +91,56 @@ class CheckpointCB(Callback):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 30  # after MetricsCB has finished the epoch's row
+    order = ORDERS["CheckpointCB"]
 
     def __init__(
         self,
         path: PathLike = "checkpoints",
         every: int = 1,
-        monitor: str | None = None,
+        monitor: str | None = "valid_loss",
         mode: str = "min",
     ) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(
-                f"CheckpointCB every must be an int >= 1 (epochs between writes), got {every!r}."
-            )
-        self.path, self.every = Path(path), every
-        self._best = (
-            _Monitor(monitor, mode, 0.0, "CheckpointCB")
-            if monitor is not None
-            else None
+        self.every = check_int(
+            every, "CheckpointCB every", unit="epochs between writes"
         )
-        self._due: tuple[bool, bool] | None = (
-            None  # (last, best) owed for the epoch that just ended
-        )
+        self.path = Path(path)
+        self._best = None
+        if monitor is not None:
+            self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB")
+        # (last, best) owed for the epoch that just ended.
+        self._due: tuple[bool, bool] | None = None
 
     @property
     def best(self) -> float | None:
         """The best monitored value so far (None without `monitor`)."""
         return self._best.best if self._best is not None else None
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._due = None
         # A fresh fit; a resumed one keeps the loaded best.
         if self._best is not None and learn.epoch == 0:
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
 
-    def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
-        improved = False
+    def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
+        last = (epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs
+        # Owed before the monitored value is read: if it is missing, after_fit still writes last.pt.
+        self._due = (last, False)
         if self._best is not None:
-            value = monitored_value(learn, self._best.monitor, "CheckpointCB")
-            improved = self._best.improved(value)
-            if improved:
+            value = monitored_value(
+                learn, self._best.monitor, "CheckpointCB (monitor=None: last.pt only)"
+            )
+            if self._best.improved(value):
                 self._best.best = value
-        self._due = (
-            (epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs,
-            improved,
-        )
+                self._due = (last, True)
 
-    def before_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._write(learn, final=False)
 
-    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         # Still due only if the fit ended between two epochs.
         self._write(learn, final=True)
 
-    def _write(self, learn: Any, final: bool) -> None:
+    def _write(self, learn: Learner, final: bool) -> None:
         if self._due is None:
             return
         last, best = self._due
@@ -196,7 +186,7 @@ class EarlyStoppingCB(Callback):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 90  # after the checkpoint and the progress table have seen the epoch
+    order = ORDERS["EarlyStoppingCB"]
 
     def __init__(
         self,
@@ -206,10 +196,7 @@ class EarlyStoppingCB(Callback):
         min_delta: float = 0.0,
         check_finite: bool = True,
     ) -> None:
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(
-                f"EarlyStoppingCB patience must be an int >= 1 (epochs), got {patience!r}."
-            )
+        check_int(patience, "EarlyStoppingCB patience", unit="epochs")
         self._best = _Monitor(monitor, mode, min_delta, "EarlyStoppingCB")
         self.patience, self.check_finite = patience, check_finite
         self._reset()
@@ -225,13 +212,13 @@ class EarlyStoppingCB(Callback):
         """The best monitored value so far."""
         return self._best.best
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if learn.epoch == 0:  # a fresh fit; a resumed one keeps the loaded counters
             self._reset()
         else:
             self.stop_reason, self.stopped_epoch = StopReason.NOT_STOPPED, None
 
-    def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         value = monitored_value(learn, self._best.monitor, "EarlyStoppingCB")
         if self.check_finite and not math.isfinite(value):
             self._stop(
@@ -281,24 +268,22 @@ class TerminateOnNaNCB(Callback):
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
 
-    order = 15  # right after MetricsCB has recorded the loss
+    order = ORDERS["TerminateOnNaNCB"]
 
     def __init__(self) -> None:
         self.stopped_at: tuple[int, str, int] | None = None
         self.stop_reason = StopReason.NOT_STOPPED
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.stopped_at, self.stop_reason = None, StopReason.NOT_STOPPED
 
-    def after_loss(self, learn: Any, loss: Tensor, **kwargs: Any) -> None:
+    def after_loss(self, learn: Learner, loss: Tensor, **kwargs: Any) -> None:
         value = float(loss.detach().float().sum())
         if math.isfinite(value):
             return
         phase = "training" if learn.training else "validation"
-        self.stopped_at, self.stop_reason = (
-            (learn.epoch, phase, learn.iter),
-            StopReason.NON_FINITE_LOSS,
-        )
+        self.stopped_at = (learn.epoch, phase, learn.iter)
+        self.stop_reason = StopReason.NON_FINITE_LOSS
         log.warning(
             "TerminateOnNaNCB: the loss is %s at epoch %d, %s batch %d; stopping the fit.",
             value,

@@ -12,13 +12,18 @@ They compose by `order` (accumulate 25 < mixed precision 30 < clip 35):
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ..errors import check_int
 from ..events import CancelBackwardException, CancelBatchException, CancelStepException
-from .core import Callback
+from ..tensors import map_tensors
+from .core import ORDERS, Callback
+
+if TYPE_CHECKING:
+    from ..learner import Learner
 
 __all__ = ["GradAccumCB", "GradClipCB", "MixedPrecisionCB"]
 
@@ -32,15 +37,8 @@ _DTYPES = {
 }
 
 
-def _to_float(obj: Any) -> Any:
-    """Cast half-precision tensors in `obj` (nested tuples, lists, dicts too) to float32."""
-    if isinstance(obj, Tensor):
-        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj
-    if isinstance(obj, dict):
-        return type(obj)({k: _to_float(v) for k, v in obj.items()})
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to_float(v) for v in obj)
-    return obj
+def _to_float(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class MixedPrecisionCB(Callback):
@@ -55,7 +53,7 @@ class MixedPrecisionCB(Callback):
         >>> learn = Learner(model, dls, cbs=[MixedPrecisionCB()])  # doctest: +SKIP
     """
 
-    order = 30
+    order = ORDERS["MixedPrecisionCB"]
 
     def __init__(
         self, dtype: torch.dtype | str | None = None, init_scale: float = 2.0**16
@@ -80,7 +78,7 @@ class MixedPrecisionCB(Callback):
         self._epoch_skipped = 0
         self._loaded: dict[str, Any] | None = None
 
-    def _setup(self, learn: Any) -> None:
+    def _setup(self, learn: Learner) -> None:
         first = next(learn.model.parameters(), None)
         self._device_type = first.device.type if first is not None else "cpu"
         if self.dtype is None:
@@ -98,7 +96,7 @@ class MixedPrecisionCB(Callback):
             self.scaler.load_state_dict(self._loaded)
         self._loaded = None
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._setup(learn)
         self.skipped_steps, self.skipped_per_epoch = 0, []
         self._hook = (
@@ -107,29 +105,29 @@ class MixedPrecisionCB(Callback):
             else None
         )
 
-    def before_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._setup(learn)  # validate()/get_preds() fire no before_fit
 
-    def before_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._epoch_skipped = 0
 
-    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._exit_autocast()
         self._autocast = torch.autocast(self._device_type, dtype=self._dtype)
         self._autocast.__enter__()
 
-    def after_pred(self, learn: Any, *args: Any, **kwargs: Any) -> None:
-        learn.preds = _to_float(learn.preds)
+    def after_pred(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        learn.preds = map_tensors(_to_float, learn.preds)
 
-    def after_loss(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_loss(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._exit_autocast()
 
-    def before_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_backward(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if self.scaler is not None:
             self.scaler.scale(learn.loss).backward()
             raise CancelBackwardException()
 
-    def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_backward(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if self.scaler is not None:
             # So that clipping (GradClipCB) sees the true gradients.
             self.scaler.unscale_(learn.opt)
@@ -137,7 +135,7 @@ class MixedPrecisionCB(Callback):
     def _mark_stepped(self, *args: Any) -> None:
         self._stepped = True
 
-    def before_step(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_step(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if self.scaler is None:
             return
         self._stepped = False
@@ -148,10 +146,10 @@ class MixedPrecisionCB(Callback):
             self._epoch_skipped += 1
         raise CancelStepException()
 
-    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._exit_autocast()  # the batch was cancelled before after_loss
 
-    def after_epoch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if self.scaler is None:
             return
         self.skipped_per_epoch.append(self._epoch_skipped)
@@ -164,13 +162,13 @@ class MixedPrecisionCB(Callback):
                 self.scaler.get_scale(),
             )
 
-    def after_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._exit_autocast()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
-    def after_validate(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._exit_autocast()
 
     def _exit_autocast(self) -> None:
@@ -214,17 +212,13 @@ class GradAccumCB(Callback):
         >>> learn = Learner(model, dls, cbs=[GradAccumCB(4)])  # doctest: +SKIP
     """
 
-    order = 25
+    order = ORDERS["GradAccumCB"]
 
     def __init__(self, n_acc: int) -> None:
-        if not isinstance(n_acc, int) or n_acc < 1:
-            raise ValueError(
-                f"GradAccumCB(n_acc={n_acc!r}): n_acc must be an int >= 1."
-            )
-        self.n_acc = n_acc
+        self.n_acc = check_int(n_acc, "GradAccumCB n_acc", unit="batches per step")
         self._loss: Any = None
 
-    def _group(self, learn: Any) -> tuple[int, bool]:
+    def _group(self, learn: Learner) -> tuple[int, bool]:
         """The size of this batch's group and whether this batch ends it."""
         start = learn.iter - learn.iter % self.n_acc
         if learn.n_iter is None:
@@ -232,28 +226,28 @@ class GradAccumCB(Callback):
         size = min(self.n_acc, learn.n_iter - start)
         return size, learn.iter - start + 1 == size
 
-    def before_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         # Under DDP, a batch that does not step skips the gradient all-reduce, as `no_sync()`
         # does; DDP reads this flag in its forward, so it is set before the forward pass.
         if learn.training and hasattr(learn.model, "require_backward_grad_sync"):
             learn.model.require_backward_grad_sync = self._group(learn)[1]
 
-    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if hasattr(learn.model, "require_backward_grad_sync"):
             learn.model.require_backward_grad_sync = True
 
-    def before_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_backward(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._loss = learn.loss
         learn.loss = learn.loss / self._group(learn)[0]
 
-    def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_backward(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if self._loss is not None:
             # after_batch shows the batch's own loss.
             learn.loss, self._loss = self._loss, None
         if not self._group(learn)[1]:
             raise CancelBatchException()  # keep the gradients: no unscale, clip, step or zero_grad
 
-    def after_train(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if learn.n_iter is None and learn.opt is not None:
             learn.zero_grad()
 
@@ -270,7 +264,7 @@ class GradClipCB(Callback):
         >>> learn = Learner(model, dls, cbs=[GradClipCB(1.0)])  # doctest: +SKIP
     """
 
-    order = 35
+    order = ORDERS["GradClipCB"]
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         if max_norm <= 0:
@@ -281,10 +275,10 @@ class GradClipCB(Callback):
         self._norms: list[Tensor] = []
         self._floats: list[float] = []
 
-    def before_fit(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._norms, self._floats = [], []
 
-    def after_backward(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_backward(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         norm = torch.nn.utils.clip_grad_norm_(
             learn.model.parameters(), self.max_norm, self.norm_type
         )
