@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from learnloop import DataLoaders
+from learnloop import Callback, DataLoaders
 
 
 def make_data(
@@ -24,3 +24,13 @@ def make_dls(n: int = 96, bs: int = 16, shuffle: bool = False, **kw) -> DataLoad
         DataLoader(train, batch_size=bs, shuffle=shuffle),
         DataLoader(valid, batch_size=bs * 2),
     )
+
+
+def boom(event: str, exc: BaseException) -> Callback:
+    """A callback whose `event` hook raises `exc` (a real method: hooks are looked up on the class)."""
+    cls = type(
+        "Boom",
+        (Callback,),
+        {event: lambda self, learn, *a, **k: (_ for _ in ()).throw(exc)},
+    )
+    return cls()

@@ -1,13 +1,14 @@
-"""The loop: event order, cancel levels, fit-only callbacks, error notes, inference, the oracle."""
+"""The loop: event order, cancel levels, fit-only callbacks, cleanup, error notes, inference, the oracle."""
 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_data, make_dls
+from helpers import boom, make_data, make_dls
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,6 +24,8 @@ from learnloop import (
     CancelValidException,
     DataLoaders,
     Learner,
+    MixedPrecisionCB,
+    ProgressCB,
 )
 
 
@@ -310,6 +313,29 @@ class TestCleanup:
         assert modes == [(True, True, True), (False, False, False)]
         assert learn.model.training
 
+    def test_no_graph_outlives_fit(self):
+        """After a fit stopped between loss and backward, the learner holds no batch, preds or loss."""
+        learn = Learner(nn.Linear(4, 3), make_dls())
+        learn.fit(1, cbs=[boom("after_loss", CancelFitException())])
+        assert learn.loss is None and learn.preds is None and learn.batch is None
+
+    def test_cancelled_batch_reports_no_stale_loss(self):
+        """A batch cancelled in before_batch passes loss=None to after_batch, not the last batch's loss."""
+        seen = []
+
+        class Skip(Callback):
+            def before_batch(self, learn, iter, **kwargs):
+                if iter == 1:
+                    raise CancelBatchException()
+
+            def after_batch(self, learn, iter, loss, **kwargs):
+                seen.append(loss is None)
+
+        Learner(nn.Linear(4, 3), make_dls(), default_cbs=False).fit(
+            1, valid=False, cbs=[Skip()]
+        )
+        assert seen == [False, True, False, False, False, False]
+
 
 class TestErrors:
     def test_empty_train_loader(self):
@@ -433,6 +459,53 @@ class TestInference:
         )
         assert all(
             torch.equal(before[k], v) for k, v in learn.model.state_dict().items()
+        )
+
+    @pytest.mark.parametrize("method", ["validate", "get_preds"])
+    @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+    def test_error_leaves_no_autocast_or_bar(self, method, exc):
+        """An error inside validate()/get_preds() still ends autocast and closes the bar."""
+        bar = ProgressCB(file=io.StringIO(), bar=True)
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[MixedPrecisionCB(), bar])
+        with pytest.raises(type(exc)):
+            getattr(learn, method)(cbs=[boom("after_loss", exc)])
+        assert not torch.is_autocast_enabled("cpu")
+        assert bar._batch_bar is None
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+    def test_cancel_fit_ends_validate_cleanly(self):
+        """A CancelFitException raised during validate() (say, a nan check) ends it without escaping."""
+        bar = ProgressCB(file=io.StringIO(), bar=True)
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[bar])
+        result = learn.validate(cbs=[boom("after_loss", CancelFitException())])
+        assert "valid_loss" in result and bar._batch_bar is None
+
+    def test_get_preds_keeps_epoch_log(self):
+        """get_preds and validate leave the last fit's row in learn.epoch_log as it was."""
+        learn = Learner(nn.Linear(4, 3), make_dls())
+        learn.fit(1)
+        row = dict(learn.epoch_log)
+        learn.get_preds(DataLoader(make_data(8, seed=5), batch_size=4))
+        learn.validate(DataLoader(make_data(8, seed=6), batch_size=4))
+        assert learn.epoch_log == row
+
+    def test_get_preds_several_targets(self):
+        """Batches (x, y, w) give a tuple of concatenated targets."""
+        x, y = make_data(20).tensors
+        ds = TensorDataset(x, y, torch.rand(20))
+        loss = lambda p, y, w: (
+            nn.functional.cross_entropy(p, y, reduction="none") * w
+        ).mean()
+        learn = Learner(
+            nn.Linear(4, 3),
+            DataLoaders(DataLoader(ds, 8), DataLoader(ds, 8)),
+            loss_func=loss,
+        )
+        preds, (ys, ws) = learn.get_preds()
+        assert (
+            preds.shape == (20, 3)
+            and torch.equal(ys, y)
+            and torch.equal(ws, ds.tensors[2])
         )
 
 

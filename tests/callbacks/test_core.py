@@ -1,4 +1,4 @@
-"""Registration checks: instances only, no misspelled hooks, signatures that take (learn, **context)."""
+"""Registration checks: instances only, no misspelled or foreign hook names, signatures that take (learn, **context)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def learner(*cbs):
     return Learner(nn.Linear(4, 3), make_dls(), cbs=list(cbs), default_cbs=False)
 
 
-class TestTypos:
+class TestHookNames:
     @pytest.mark.parametrize(
         "name,suggestion",
         [
@@ -62,6 +62,29 @@ class TestTypos:
             else:
                 learner().fit(1, cbs=[cb])
         assert ran == []
+
+    @pytest.mark.parametrize(
+        "name,suggestion",
+        [
+            ("begin_fit", "before_fit"),
+            ("begin_batch", "before_batch"),
+            ("on_epoch_end", "after_epoch"),
+            ("on_train_batch_start", "before_batch"),
+            ("on_validation_epoch_end", "after_validate"),
+            ("on_before_optimizer_step", "before_step"),
+        ],
+    )
+    def test_foreign_names(self, name, suggestion):
+        """fastai v1, Lightning and Keras hook names are refused with our event's name."""
+        cb = type("Ported", (Callback,), {name: lambda self, learn, **kw: None})()
+        with pytest.raises(ValueError, match=f"did you mean {suggestion}\\?"):
+            Learner(nn.Linear(4, 3), make_dls(), cbs=[cb])
+
+    def test_helper_starting_with_after_allowed(self):
+        """A helper method whose name merely starts with 'after' is not taken for an event."""
+        cb = type("Report", (Callback,), {"after_fit_report": lambda self: None})()
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[cb])
+        assert cb in learn.cbs and "after_fit_report" not in learn._table
 
 
 class TestSignatures:
@@ -121,22 +144,7 @@ class TestInstances:
             learner("progress")
 
 
-class TestAddRemove:
-    def test_add_and_remove(self):
-        """add_cbs attaches in order; remove_cbs detaches; removing a stranger is an error."""
-
-        class A(Callback):
-            order = 5
-
-        a, b = A(), Callback()
-        learn = learner()
-        learn.add_cbs(a, b)
-        assert learn.cbs == [b, a]
-        learn.remove_cbs(a)
-        assert learn.cbs == [b]
-        with pytest.raises(ValueError, match="is not attached"):
-            learn.remove_cbs(a)
-
+class TestDefaults:
     def test_default_replaced_by_same_kind(self):
         """A passed callback of a default's kind replaces that default."""
         from learnloop import DeviceCB, MetricsCB, ProgressCB, Recorder
