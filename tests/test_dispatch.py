@@ -63,24 +63,31 @@ def learner_with_failing_cleanup():
         (Callback,),
         {"order": 30, "after_fit": lambda s, learn, **k: 1 / 0},
     )()
-    return learner(bar, bad_cleanup), bar
+    return learner(bar, bad_cleanup)
 
 
 class TestCleanupHooks:
-    def test_after_fit_reaches_every_callback(self):
+    def test_after_fit_reaches_every_callback(self, tqdm_bars):
         """When one after_fit hook fails, the others still run, and the fit's own error is the one raised."""
-        learn, bar = learner_with_failing_cleanup()
+        learn = learner_with_failing_cleanup()
         with pytest.raises(ValueError, match="in the loss") as info:
             learn.fit(1, cbs=[boom("after_loss", ValueError("in the loss"))])
-        assert bar._epoch_bar is None and bar._batch_bar is None
+        # ProgressCB.after_fit ran after BadCleanup's: both its bars are closed.
+        assert [(b.first_desc, b.closed) for b in tqdm_bars] == [
+            ("epoch", True),
+            ("train", True),
+        ]
         assert any(
             "BadCleanup.after_fit" in n and "ZeroDivisionError" in n
             for n in info.value.__notes__
         )
 
-    def test_after_fit_error_raised_after_all_ran(self):
+    def test_after_fit_error_raised_after_all_ran(self, tqdm_bars):
         """Without an earlier error, a failing after_fit hook is raised once every hook has run."""
-        learn, bar = learner_with_failing_cleanup()
+        learn = learner_with_failing_cleanup()
         with pytest.raises(ZeroDivisionError):
             learn.fit(1)
-        assert bar._epoch_bar is None
+        assert [(b.first_desc, b.closed) for b in tqdm_bars] == [
+            ("epoch", True),
+            ("train", True),
+        ]

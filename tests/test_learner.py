@@ -463,22 +463,23 @@ class TestInference:
 
     @pytest.mark.parametrize("method", ["validate", "get_preds"])
     @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
-    def test_error_leaves_no_autocast_or_bar(self, method, exc):
+    def test_error_leaves_no_autocast_or_bar(self, method, exc, tqdm_bars):
         """An error inside validate()/get_preds() still ends autocast and closes the bar."""
         bar = ProgressCB(file=io.StringIO(), bar=True)
         learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[MixedPrecisionCB(), bar])
         with pytest.raises(type(exc)):
             getattr(learn, method)(cbs=[boom("after_loss", exc)])
         assert not torch.is_autocast_enabled("cpu")
-        assert bar._batch_bar is None
+        assert [(b.first_desc, b.closed) for b in tqdm_bars] == [("valid", True)]
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
-    def test_cancel_fit_ends_validate_cleanly(self):
+    def test_cancel_fit_ends_validate_cleanly(self, tqdm_bars):
         """A CancelFitException raised during validate() (say, a nan check) ends it without escaping."""
         bar = ProgressCB(file=io.StringIO(), bar=True)
         learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[bar])
         result = learn.validate(cbs=[boom("after_loss", CancelFitException())])
-        assert "valid_loss" in result and bar._batch_bar is None
+        assert "valid_loss" in result
+        assert [(b.first_desc, b.closed) for b in tqdm_bars] == [("valid", True)]
 
     def test_get_preds_keeps_epoch_log(self):
         """get_preds and validate leave the last fit's row in learn.epoch_log as it was."""
