@@ -34,3 +34,10 @@ def boom(event: str, exc: BaseException) -> Callback:
         {event: lambda self, learn, *a, **k: (_ for _ in ()).throw(exc)},
     )
     return cls()
+
+
+def training_loop(learn, capsys) -> dict[str, str]:
+    """What `learn.show_training_loop()` prints, read through `capsys`: {event: "CbA, CbB" or "-"}."""
+    capsys.readouterr()
+    learn.show_training_loop()
+    return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import boom, make_data, make_dls
+from helpers import boom, make_data, make_dls, training_loop
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -538,12 +538,7 @@ def test_oracle_matches_hand_written_loop():
 
 def test_show_training_loop(capsys):
     """show_training_loop lists, per event, the callbacks that run on it, in order."""
-    learn = Learner(nn.Linear(4, 3), make_dls())
-    learn.show_training_loop()
-    lines = {
-        line.split()[0]: line.split(None, 1)[1]
-        for line in capsys.readouterr().out.splitlines()
-    }
+    lines = training_loop(Learner(nn.Linear(4, 3), make_dls()), capsys)
     assert lines["before_batch"] == "DeviceCB"
     assert lines["after_loss"] == "MetricsCB, Recorder"
     assert lines["after_epoch"] == "MetricsCB, Recorder, ProgressCB"
