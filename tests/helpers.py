@@ -36,6 +36,22 @@ def boom(event: str, exc: BaseException) -> Callback:
     return cls()
 
 
+def count_host_reads(
+    monkeypatch, names: tuple[str, ...] = ("item", "__float__", "tolist")
+) -> list[str]:
+    """Spy on the Tensor methods in `names` (device-to-host reads); returns the names as called."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
 def training_loop(learn, capsys) -> dict[str, str]:
     """What `learn.show_training_loop()` prints, read through `capsys`: {event: "CbA, CbB" or "-"}."""
     capsys.readouterr()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
-from helpers import make_data
+from helpers import count_host_reads, make_data
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -69,11 +68,7 @@ def test_terminal_shows_bars():
 
 def test_running_loss_read_on_interval(monkeypatch):
     """The running loss is read from the device only when the refresh interval has passed."""
-    reads = []
-    original = torch.Tensor.__float__
-    monkeypatch.setattr(
-        torch.Tensor, "__float__", lambda self: reads.append(1) or original(self)
-    )
+    reads = count_host_reads(monkeypatch, ("__float__",))
     out = FakeTTY()
     dls = DataLoaders(DataLoader(make_data(800), batch_size=4), None)
     Learner(nn.Linear(4, 3), dls, cbs=[ProgressCB(file=out, mininterval=3600)]).fit(1)
