@@ -40,6 +40,28 @@ def model() -> nn.Module:
 
 
 @pytest.fixture
+def tqdm_bars(monkeypatch) -> list:
+    """Every tqdm bar made during the test, in order; a bar's `closed` turns True when it is closed."""
+    import tqdm
+
+    made = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            self.closed = False
+            super().__init__(*args, **kwargs)
+            self.first_desc = kwargs.get("desc")
+            made.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    return made
+
+
+@pytest.fixture
 def hf_dataset():
     """An in-memory Hugging Face Dataset with an 8x8 image column and a ClassLabel column."""
     datasets = pytest.importorskip("datasets")

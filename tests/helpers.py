@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from learnloop import DataLoaders
+from learnloop import Callback, DataLoaders
 
 
 def make_data(
@@ -24,3 +24,36 @@ def make_dls(n: int = 96, bs: int = 16, shuffle: bool = False, **kw) -> DataLoad
         DataLoader(train, batch_size=bs, shuffle=shuffle),
         DataLoader(valid, batch_size=bs * 2),
     )
+
+
+def boom(event: str, exc: BaseException) -> Callback:
+    """A callback whose `event` hook raises `exc` (a real method: hooks are looked up on the class)."""
+    cls = type(
+        "Boom",
+        (Callback,),
+        {event: lambda self, learn, *a, **k: (_ for _ in ()).throw(exc)},
+    )
+    return cls()
+
+
+def count_host_reads(
+    monkeypatch, names: tuple[str, ...] = ("item", "__float__", "tolist")
+) -> list[str]:
+    """Spy on the Tensor methods in `names` (device-to-host reads); returns the names as called."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+def training_loop(learn, capsys) -> dict[str, str]:
+    """What `learn.show_training_loop()` prints, read through `capsys`: {event: "CbA, CbB" or "-"}."""
+    capsys.readouterr()
+    learn.show_training_loop()
+    return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())

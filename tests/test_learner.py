@@ -1,13 +1,14 @@
-"""The loop: event order, cancel levels, fit-only callbacks, error notes, inference, the oracle."""
+"""The loop: event order, cancel levels, fit-only callbacks, cleanup, error notes, inference, the oracle."""
 
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_data, make_dls
+from helpers import boom, make_data, make_dls, training_loop
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,6 +24,8 @@ from learnloop import (
     CancelValidException,
     DataLoaders,
     Learner,
+    MixedPrecisionCB,
+    ProgressCB,
 )
 
 
@@ -319,6 +322,29 @@ class TestCleanup:
         getattr(learn, method)()
         assert learn.model.training is training
 
+    def test_no_graph_outlives_fit(self):
+        """After a fit stopped between loss and backward, the learner holds no batch, preds or loss."""
+        learn = Learner(nn.Linear(4, 3), make_dls())
+        learn.fit(1, cbs=[boom("after_loss", CancelFitException())])
+        assert learn.loss is None and learn.preds is None and learn.batch is None
+
+    def test_cancelled_batch_reports_no_stale_loss(self):
+        """A batch cancelled in before_batch passes loss=None to after_batch, not the last batch's loss."""
+        seen = []
+
+        class Skip(Callback):
+            def before_batch(self, learn, iter, **kwargs):
+                if iter == 1:
+                    raise CancelBatchException()
+
+            def after_batch(self, learn, iter, loss, **kwargs):
+                seen.append(loss is None)
+
+        Learner(nn.Linear(4, 3), make_dls(), default_cbs=False).fit(
+            1, valid=False, cbs=[Skip()]
+        )
+        assert seen == [False, True, False, False, False, False]
+
 
 class TestErrors:
     def test_empty_train_loader(self):
@@ -444,6 +470,54 @@ class TestInference:
             torch.equal(before[k], v) for k, v in learn.model.state_dict().items()
         )
 
+    @pytest.mark.parametrize("method", ["validate", "get_preds"])
+    @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+    def test_error_leaves_no_autocast_or_bar(self, method, exc, tqdm_bars):
+        """An error inside validate()/get_preds() still ends autocast and closes the bar."""
+        bar = ProgressCB(file=io.StringIO(), bar=True)
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[MixedPrecisionCB(), bar])
+        with pytest.raises(type(exc)):
+            getattr(learn, method)(cbs=[boom("after_loss", exc)])
+        assert not torch.is_autocast_enabled("cpu")
+        assert [(b.first_desc, b.closed) for b in tqdm_bars] == [("valid", True)]
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+    def test_cancel_fit_ends_validate_cleanly(self, tqdm_bars):
+        """A CancelFitException raised during validate() (say, a nan check) ends it without escaping."""
+        bar = ProgressCB(file=io.StringIO(), bar=True)
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[bar])
+        result = learn.validate(cbs=[boom("after_loss", CancelFitException())])
+        assert "valid_loss" in result
+        assert [(b.first_desc, b.closed) for b in tqdm_bars] == [("valid", True)]
+
+    def test_get_preds_keeps_epoch_log(self):
+        """get_preds and validate leave the last fit's row in learn.epoch_log as it was."""
+        learn = Learner(nn.Linear(4, 3), make_dls())
+        learn.fit(1)
+        row = dict(learn.epoch_log)
+        learn.get_preds(DataLoader(make_data(8, seed=5), batch_size=4))
+        learn.validate(DataLoader(make_data(8, seed=6), batch_size=4))
+        assert learn.epoch_log == row
+
+    def test_get_preds_several_targets(self):
+        """Batches (x, y, w) give a tuple of concatenated targets."""
+        x, y = make_data(20).tensors
+        ds = TensorDataset(x, y, torch.rand(20))
+        loss = lambda p, y, w: (
+            nn.functional.cross_entropy(p, y, reduction="none") * w
+        ).mean()
+        learn = Learner(
+            nn.Linear(4, 3),
+            DataLoaders(DataLoader(ds, 8), DataLoader(ds, 8)),
+            loss_func=loss,
+        )
+        preds, (ys, ws) = learn.get_preds()
+        assert (
+            preds.shape == (20, 3)
+            and torch.equal(ys, y)
+            and torch.equal(ws, ds.tensors[2])
+        )
+
 
 def test_oracle_matches_hand_written_loop():
     """fit gives the same weights as a hand-written loop with the same seed and data order."""
@@ -473,12 +547,7 @@ def test_oracle_matches_hand_written_loop():
 
 def test_show_training_loop(capsys):
     """show_training_loop lists, per event, the callbacks that run on it, in order."""
-    learn = Learner(nn.Linear(4, 3), make_dls())
-    learn.show_training_loop()
-    lines = {
-        line.split()[0]: line.split(None, 1)[1]
-        for line in capsys.readouterr().out.splitlines()
-    }
+    lines = training_loop(Learner(nn.Linear(4, 3), make_dls()), capsys)
     assert lines["before_batch"] == "DeviceCB"
     assert lines["after_loss"] == "MetricsCB, Recorder"
     assert lines["after_epoch"] == "MetricsCB, Recorder, ProgressCB"

@@ -1,9 +1,9 @@
-"""Registration checks: instances only, no misspelled hooks, signatures that take (learn, **context)."""
+"""Registration checks: instances only, no misspelled or foreign hook names, signatures that take (learn, **context)."""
 
 from __future__ import annotations
 
 import pytest
-from helpers import make_dls
+from helpers import make_dls, training_loop
 from torch import nn
 
 from learnloop import Callback, Learner
@@ -13,7 +13,7 @@ def learner(*cbs):
     return Learner(nn.Linear(4, 3), make_dls(), cbs=list(cbs), default_cbs=False)
 
 
-class TestTypos:
+class TestHookNames:
     @pytest.mark.parametrize(
         "name,suggestion",
         [
@@ -63,6 +63,36 @@ class TestTypos:
                 learner().fit(1, cbs=[cb])
         assert ran == []
 
+    @pytest.mark.parametrize(
+        "name,suggestion",
+        [
+            ("begin_fit", "before_fit"),
+            ("begin_batch", "before_batch"),
+            ("on_epoch_end", "after_epoch"),
+            ("on_train_batch_start", "before_batch"),
+            ("on_validation_epoch_end", "after_validate"),
+            ("on_before_optimizer_step", "before_step"),
+        ],
+    )
+    def test_foreign_names(self, name, suggestion):
+        """fastai v1, Lightning and Keras hook names are refused with our event's name."""
+        cb = type("Ported", (Callback,), {name: lambda self, learn, **kw: None})()
+        with pytest.raises(ValueError, match=f"did you mean {suggestion}\\?"):
+            Learner(nn.Linear(4, 3), make_dls(), cbs=[cb])
+
+    def test_helper_starting_with_after_allowed(self, capsys):
+        """A helper method whose name merely starts with 'after' is not taken for an event."""
+        calls = []
+        cb = type(
+            "Report", (Callback,), {"after_fit_report": lambda self: calls.append(1)}
+        )()
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[cb])
+        loop = training_loop(learn, capsys)
+        assert cb in learn.cbs
+        assert not any("Report" in names.split(", ") for names in loop.values())
+        learn.fit(1)
+        assert calls == []
+
 
 class TestSignatures:
     @pytest.mark.parametrize(
@@ -86,20 +116,20 @@ class TestSignatures:
     @pytest.mark.parametrize(
         "hook",
         [
-            lambda self, learn, *args, **kwargs: None,
-            lambda self, learn, epoch: None,
-            lambda self, learn, epoch=None, **kw: None,
+            lambda self, learn, *args, **kwargs: self.epochs.append(kwargs["epoch"]),
+            lambda self, learn, epoch: self.epochs.append(epoch),
+            lambda self, learn, epoch=None, **kw: self.epochs.append(epoch),
         ],
         ids=["swallow", "exact", "defaults"],
     )
-    def test_good_signature(self, hook):
+    def test_good_signature(self, hook, capsys):
         """Hooks that take the event's context, named or swallowed, are accepted and run in a fit."""
         cb = type("Good", (Callback,), {"after_epoch": hook})()
+        cb.epochs = []
         learn = learner(cb)
-        learn.fit(
-            1
-        )  # the loop calls the hook as hook(learn, epoch=0): it must not raise
-        assert [c for c, _ in learn._table["after_epoch"]] == [cb]
+        assert training_loop(learn, capsys)["after_epoch"] == "Good"
+        learn.fit(2)
+        assert cb.epochs == [0, 1]
 
 
 class TestInstances:
@@ -121,22 +151,7 @@ class TestInstances:
             learner("progress")
 
 
-class TestAddRemove:
-    def test_add_and_remove(self):
-        """add_cbs attaches in order; remove_cbs detaches; removing a stranger is an error."""
-
-        class A(Callback):
-            order = 5
-
-        a, b = A(), Callback()
-        learn = learner()
-        learn.add_cbs(a, b)
-        assert learn.cbs == [b, a]
-        learn.remove_cbs(a)
-        assert learn.cbs == [b]
-        with pytest.raises(ValueError, match="is not attached"):
-            learn.remove_cbs(a)
-
+class TestDefaults:
     def test_default_replaced_by_same_kind(self):
         """A passed callback of a default's kind replaces that default."""
         from learnloop import DeviceCB, MetricsCB, ProgressCB, Recorder

@@ -81,3 +81,32 @@ def test_device_cb_moves_model_and_batches():
     assert (
         learn.batch[0].device.type == "meta" and learn.batch[1][0].device.type == "meta"
     )
+
+
+def test_optimizer_state_follows_params():
+    """move_optimizer_state puts momenta on their parameter's device and leaves Adam's step count."""
+    from learnloop.callbacks.device import move_optimizer_state
+
+    # 'meta' stands in for a GPU: tensors move, nothing computes.
+    model = nn.Linear(4, 3).to("meta")
+    opt = torch.optim.Adam(model.parameters())
+    for p in model.parameters():  # state as a checkpoint loaded on the CPU leaves it
+        opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(p.shape)}
+    move_optimizer_state(opt)
+    for p, state in opt.state.items():
+        assert (
+            state["exp_avg"].device.type == "meta"
+            and state["step"].device.type == "cpu"
+        )
+
+
+def test_device_cb_moves_optimizer_state(monkeypatch):
+    """When DeviceCB moves the model, it moves the optimizer's state too (a resumed fit's, say)."""
+    from learnloop.callbacks import device
+
+    moved = []
+    monkeypatch.setattr(device, "move_optimizer_state", moved.append)
+    learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
+    learn.fit(1)
+    DeviceCB("meta").before_fit(learn)
+    assert moved == [learn.opt]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_data
+from helpers import count_host_reads, make_data
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -111,15 +111,7 @@ class TestProtocol:
 
 def test_no_host_sync_per_batch(monkeypatch):
     """Losses and accuracy stay on the device during the epoch: few conversions, not one per batch."""
-    calls = []
-    for name in ("item", "__float__", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _orig=original, **k):
-            calls.append(1)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    calls = count_host_reads(monkeypatch)
     dls = DataLoaders(
         DataLoader(make_data(400), batch_size=4),
         DataLoader(make_data(400, seed=1), batch_size=4),

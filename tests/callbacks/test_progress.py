@@ -5,8 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-import torch
-from helpers import make_data
+from helpers import count_host_reads, make_data
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -69,18 +68,14 @@ def test_terminal_shows_bars():
 
 def test_running_loss_read_on_interval(monkeypatch):
     """The running loss is read from the device only when the refresh interval has passed."""
-    reads = []
-    original = torch.Tensor.__float__
-    monkeypatch.setattr(
-        torch.Tensor, "__float__", lambda self: reads.append(1) or original(self)
-    )
+    reads = count_host_reads(monkeypatch, ("__float__",))
     out = FakeTTY()
     dls = DataLoaders(DataLoader(make_data(800), batch_size=4), None)
     Learner(nn.Linear(4, 3), dls, cbs=[ProgressCB(file=out, mininterval=3600)]).fit(1)
     assert len(reads) <= 3  # 200 batches, an hour's interval: no per-batch read
 
 
-def test_bars_closed_after_error():
+def test_bars_closed_after_error(tqdm_bars):
     """An error mid-fit leaves no open bars behind."""
 
     class Boom(ProgressCB):
@@ -93,7 +88,10 @@ def test_bars_closed_after_error():
     learn = Learner(nn.Linear(4, 3), dls, cbs=[cb])
     with pytest.raises(RuntimeError, match="boom"):
         learn.fit(1)
-    assert cb._epoch_bar is None and cb._batch_bar is None
+    assert [(b.first_desc, b.closed) for b in tqdm_bars] == [
+        ("epoch", True),
+        ("train", True),
+    ]
 
 
 def test_notebook_live_plot(monkeypatch):
@@ -120,19 +118,9 @@ def test_notebook_live_plot(monkeypatch):
     assert all(isinstance(fig, Figure) for _, fig in shown)
 
 
-def test_one_batch_bar_per_fit(monkeypatch):
+def test_one_batch_bar_per_fit(tqdm_bars):
     """A fit makes two bars, epochs and batches, and resets the batch bar for each phase."""
-    from tqdm import tqdm
-
-    made = []
-
-    class Counting(tqdm):
-        def __init__(self, *args, **kwargs):
-            made.append(kwargs.get("desc"))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(ProgressCB, "_tqdm", lambda self: Counting)
     out = FakeTTY()
     fit(out, epochs=3, mininterval=0.0)
-    assert made == ["epoch", "train"]
+    assert [b.first_desc for b in tqdm_bars] == ["epoch", "train"]
     assert "valid" in out.getvalue()

@@ -243,7 +243,7 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
 
-def test_keyboard_interrupt_leaves_everything_usable(tmp_path):
+def test_keyboard_interrupt_leaves_everything_usable(tmp_path, tqdm_bars):
     """Ctrl-C mid-epoch: bars closed, hooks removed, last.pt from the last full epoch, fit works again."""
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     progress, stats = (
@@ -255,7 +255,10 @@ def test_keyboard_interrupt_leaves_everything_usable(tmp_path):
     )
     with pytest.raises(KeyboardInterrupt):
         learn.fit(3, cbs=[Interrupt(1, 3)])
-    assert progress._epoch_bar is None and progress._batch_bar is None
+    assert [(b.first_desc, b.closed) for b in tqdm_bars] == [
+        ("epoch", True),
+        ("train", True),
+    ]
     assert all(not m._forward_hooks for m in model.modules())
     assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
-from helpers import make_dls
+from helpers import count_host_reads, make_dls
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from learnloop import (
     Callback,
     CancelBatchException,
+    DataLoaders,
     GradAccumCB,
     GradClipCB,
     Learner,
@@ -279,14 +282,41 @@ class TestGradClipCB:
         assert max(before) > 0.05
         assert all(n <= 0.05 * (1 + 1e-4) for n in after)
 
-    def test_norms_are_kept_as_tensors(self):
+    def test_norms_are_kept_as_tensors(self, monkeypatch):
         """No float conversion per batch: the norms stay tensors until read."""
+        reads = count_host_reads(monkeypatch)
+        Learner(mlp(), make_dls(), default_cbs=False).fit(1)
+        without_clip = len(reads)
+        reads.clear()
         clip = GradClipCB(1.0)
-        Learner(mlp(), make_dls(), cbs=[clip]).fit(1)
-        assert (
-            all(isinstance(n, torch.Tensor) for n in clip._norms)
-            and len(clip.norms) == 6
+        Learner(mlp(), make_dls(), cbs=[clip], default_cbs=False).fit(1)
+        # 6 batches: a per-batch float(norm) or norm.item() would add 6 reads.
+        assert len(reads) == without_clip
+        norms = clip.norms
+        assert len(norms) == 6 and all(isinstance(n, float) for n in norms)
+
+    @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+    def test_norm_type_honoured(self, norm_type):
+        """.norms reports the norm_type norm of the gradients, and clipping scales them to max_norm in it."""
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(8, 3, generator=gen), torch.tensor([0, 1] * 4)
+        model = nn.Linear(3, 2)
+        # The gradients by hand, on a copy, for the one step of the fit.
+        hand = copy.deepcopy(model)
+        nn.functional.cross_entropy(hand(x), y).backward()
+        grads = [p.grad for p in hand.parameters()]
+        norm = torch.linalg.vector_norm(
+            torch.cat([g.flatten() for g in grads]), norm_type
         )
+        max_norm, lr = 0.01, 0.1
+        assert norm > max_norm  # clipping bites
+        clip = GradClipCB(max_norm, norm_type=norm_type)
+        dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=8), None)
+        Learner(model, dls, lr=lr, cbs=[clip], default_cbs=False).fit(1)
+        assert clip.norms == pytest.approx([norm.item()], rel=1e-5)
+        for p, before, grad in zip(model.parameters(), hand.parameters(), grads):
+            expected = before - lr * grad * (max_norm / norm)
+            torch.testing.assert_close(p, expected, rtol=1e-4, atol=1e-7)
 
     def test_bad_max_norm(self):
         """max_norm must be positive."""
