@@ -329,45 +329,47 @@ class Learner(CallbackHost):
 
     def _one_batch(self, i: int, batch: Any) -> None:
         # The batch level is written out, not run by _run_level: after_batch passes the loss,
-        # which before_batch cannot.
+        # which before_batch cannot. One try notes which step piece failed (`piece`), rather
+        # than a guarding call around each piece: a call costs about as much as a hook.
         self.iter, self.batch = i, batch
         self.preds = self.loss = None  # a cancelled batch must not show the last one's
         fire = self._fire
+        piece = None
         try:
             fire("before_batch", iter=i)
             self._split_batch(self.batch)
-            self._guarded(self.predict, "the model's forward pass (predict)")
+            piece = "predict"
+            self.predict()
             fire("after_pred", preds=self.preds)
-            self._guarded(self.get_loss, "the loss (get_loss)")
+            piece = "get_loss"
+            self.get_loss()
             fire("after_loss", loss=self.loss)
             if self.training:
-                self._run_level("backward", self._backward, loss=self.loss)
-                self._run_level("step", self._step)
+                piece = "backward"
+                self._run_level("backward", self.backward, loss=self.loss)
+                piece = "step"
+                self._run_level("step", self.step)
+                piece = "zero_grad"
                 self.zero_grad()
         except CancelBatchException as e:
             fire("after_cancel_batch", exception=e)
-        fire("after_batch", iter=i, loss=self.loss)
-
-    def _backward(self) -> None:
-        self._guarded(self.backward, "the backward pass (backward)")
-
-    def _step(self) -> None:
-        self._guarded(self.step, "the optimizer step (step)")
-
-    def _guarded(self, piece: Callable[[], None], what: str) -> None:
-        """Run a step piece; an error gets a note saying where, with the shapes involved."""
-        try:
-            piece()
-        except CancelException:
+        except CancelException:  # an outer level's: not an error
             raise
         except Exception as e:
-            note = f"learnloop: raised in {what} ({self._where()}); inputs {describe(self.xb)}"
-            if piece.__name__ != "predict":
-                note += f", preds {describe(self.preds)}, targets {describe(self.yb)}"
-            if piece.__name__ in ("backward", "step"):
-                note += f", loss {describe(self.loss)}"
-            add_note(e, note + ".")
+            # A hook's error already carries its own note, and the first note stays.
+            if piece is not None:
+                self._note_piece(e, piece)
             raise
+        fire("after_batch", iter=i, loss=self.loss)
+
+    def _note_piece(self, e: Exception, piece: str) -> None:
+        """Note on `e` the step piece it came from, where the loop was, and the shapes involved."""
+        note = f"learnloop: raised in {_PIECES[piece]} ({self._where()}); inputs {describe(self.xb)}"
+        if piece != "predict":
+            note += f", preds {describe(self.preds)}, targets {describe(self.yb)}"
+        if piece not in ("predict", "get_loss"):
+            note += f", loss {describe(self.loss)}"
+        add_note(e, note + ".")
 
     def _split_batch(self, batch: Any) -> None:
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
@@ -445,6 +447,14 @@ class Learner(CallbackHost):
     def __repr__(self) -> str:
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
 
+
+_PIECES = {
+    "predict": "the model's forward pass (predict)",
+    "get_loss": "the loss (get_loss)",
+    "backward": "the backward pass (backward)",
+    "step": "the optimizer step (step)",
+    "zero_grad": "zero_grad",
+}
 
 # For each level: its before, after and after_cancel events and the exception that cancels it.
 _LEVEL_EVENTS = {

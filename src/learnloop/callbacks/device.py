@@ -86,8 +86,11 @@ class DeviceCB(Callback):
     def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._place_model(learn)  # validate()/get_preds() run without before_fit
 
+    def _move(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
+
     def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        learn.batch = to_device(learn.batch, self.device)
+        learn.batch = map_tensors(self._move, learn.batch)
 
     def __repr__(self) -> str:
         return f"DeviceCB(device={str(self.device)!r})"
