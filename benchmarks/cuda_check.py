@@ -75,7 +75,7 @@ def check_fp16_scaler(device: str) -> str:
     seen_state: dict[str, object] = {}
 
     class InjectInf(Callback):
-        order = 28  # after backward, before MixedPrecisionCB (30) unscales
+        order = MixedPrecisionCB.order - 1  # after backward, before it unscales
 
         def after_backward(self, learn, *args, **kwargs):
             if (learn.epoch, learn.iter) == (1, 3):
@@ -153,7 +153,7 @@ def check_pinned_non_blocking(device: str) -> str:
     seen: dict[str, bool] = {}
 
     class Spy(Callback):
-        order = -30  # before DeviceCB moves the batch
+        order = DeviceCB.order - 1  # before DeviceCB moves the batch
 
         def before_batch(self, learn, *args, **kwargs):
             seen.setdefault("pinned", learn.batch[0].is_pinned())

@@ -25,7 +25,7 @@ class CountBatches(Callback):
     def __init__(self) -> None:
         self.train_batches = 0
 
-    def after_batch(self, learn: Any, *args: Any, **kwargs: Any) -> None:
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if learn.training:
             self.train_batches += 1
 
@@ -36,21 +36,21 @@ class SkipWarmup(Callback):
     def __init__(self, n: int = 2) -> None:
         self.n, self.skipped = n, 0
 
-    def before_batch(self, learn: Any, iter: int, **kwargs: Any) -> None:
+    def before_batch(self, learn: Learner, iter: int, **kwargs: Any) -> None:
         if learn.training and iter < self.n:
             self.skipped += 1
             raise CancelBatchException()
 
 
 class BestEpoch(Callback):
-    """Runs after MetricsCB (order 10) and Recorder (20), so `learn.epoch_log` is this epoch's row."""
+    """Runs after MetricsCB, so `learn.epoch_log` is this epoch's finished row."""
 
-    order = 30
+    order = MetricsCB.order + 1  # place a callback by naming the one it follows
 
     def __init__(self) -> None:
         self.best: tuple[int, float] | None = None
 
-    def after_epoch(self, learn: Any, epoch: int, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         accuracy = learn.epoch_log["accuracy"]
         if self.best is None or accuracy > self.best[1]:
             self.best = (epoch, accuracy)

@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 
 import learnloop
+from learnloop import Callback, callbacks
 
 
 def test_all_matches_public_names():
@@ -31,3 +32,35 @@ def test_public_objects_documented():
         obj = getattr(learnloop, name)
         if callable(obj):
             assert (obj.__doc__ or "").strip(), f"learnloop.{name} has no docstring"
+
+
+def _builtin_callback_classes() -> dict[str, type]:
+    """Every public Callback subclass defined in a module of learnloop.callbacks."""
+    found = {}
+    for info in pkgutil.walk_packages(callbacks.__path__, "learnloop.callbacks."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Callback)
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                found[name] = obj
+    return found
+
+
+def test_every_callback_exported():
+    """learnloop.callbacks and learnloop export every built-in callback."""
+    classes = _builtin_callback_classes()
+    assert len(classes) >= 20
+    for name, cls in classes.items():
+        assert getattr(callbacks, name, None) is cls and name in callbacks.__all__
+        assert getattr(learnloop, name, None) is cls and name in learnloop.__all__
+
+
+def test_module_all_lists_no_private_helpers():
+    """A module's __all__ names no underscore helper."""
+    for info in pkgutil.walk_packages(learnloop.__path__, "learnloop."):
+        module = importlib.import_module(info.name)
+        assert not [n for n in module.__all__ if n.startswith("_")], info.name

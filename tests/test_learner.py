@@ -380,6 +380,28 @@ class TestErrors:
             and "targets shape (16, 1) int64" in note
         )
 
+    @pytest.mark.parametrize(
+        ("piece", "says"),
+        [("step", "the optimizer step (step)"), ("zero_grad", "zero_grad")],
+    )
+    def test_optimizer_error_note(self, piece, says):
+        """An error in the optimizer step or zero_grad is noted with where the loop was and the loss."""
+
+        calls = []
+
+        def broken(self, *args, **kwargs):
+            calls.append(piece)  # fit's own zero_grad before the first batch passes
+            if piece == "step" or len(calls) > 1:
+                raise ZeroDivisionError
+
+        Broken = type("Broken", (torch.optim.SGD,), {piece: broken})
+        learn = Learner(nn.Linear(4, 3), make_dls(), opt_func=Broken, default_cbs=False)
+        with pytest.raises(ZeroDivisionError) as info:
+            learn.fit(1)
+        note = "\n".join(info.value.__notes__)
+        assert f"raised in {says} (epoch 0, training batch 0)" in note
+        assert "loss shape () float32" in note
+
     def test_callback_error_note(self):
         """An error in a hook names the callback, the event, the epoch and the batch."""
         cb = recorder(trigger="after_loss", exc=ZeroDivisionError("oops"))
@@ -552,3 +574,24 @@ def test_show_training_loop(capsys):
     assert lines["after_loss"] == "MetricsCB, Recorder"
     assert lines["after_epoch"] == "MetricsCB, Recorder, ProgressCB"
     assert lines["after_cancel_step"] == "-"
+
+
+class TestSignatures:
+    @pytest.mark.parametrize(
+        ("method", "target", "shared"),
+        [
+            ("lr_find", "LRFinderCB", ("start_lr", "end_lr", "num_it", "stop_div")),
+            ("fit_one_cycle", "OneCycle", ("pct_start", "div", "div_final", "moms")),
+        ],
+    )
+    def test_wrappers_spell_out_the_same_defaults(self, method, target, shared):
+        """Learner.lr_find and fit_one_cycle show their parameters, with the defaults of what they build."""
+        import inspect
+
+        import learnloop
+
+        mine = inspect.signature(getattr(Learner, method)).parameters
+        theirs = inspect.signature(getattr(learnloop, target)).parameters
+        assert not any(p.kind is p.VAR_KEYWORD for p in mine.values())
+        for name in shared:
+            assert mine[name].default == theirs[name].default, name

@@ -6,7 +6,7 @@ import pytest
 from helpers import make_dls, training_loop
 from torch import nn
 
-from learnloop import Callback, Learner
+from learnloop import ORDERS, Callback, Learner
 
 
 def learner(*cbs):
@@ -162,3 +162,31 @@ class TestDefaults:
         assert kinds == [DeviceCB, MetricsCB, Recorder, ProgressCB]
         assert learn.cbs[-1] is mine
         assert learn.recorder is learn.cbs[2]
+
+
+class TestOrders:
+    def test_each_builtin_takes_its_order_from_the_table(self):
+        """Every built-in callback's order is its entry in ORDERS, and every entry is a callback."""
+        import learnloop.callbacks as cbs
+
+        for name, order in ORDERS.items():
+            assert getattr(cbs, name).order == order, name
+
+    def test_no_ties_across_concerns(self):
+        """Built-in orders are distinct, but for the two schedulers (one concern)."""
+        values = [v for k, v in ORDERS.items() if k != "EpochSchedCB"]
+        assert len(values) == len(set(values))
+
+    def test_user_callback_placed_by_name(self):
+        """`order = MetricsCB.order + 1` runs a callback right after MetricsCB."""
+        from learnloop import MetricsCB, Recorder
+
+        class After(Callback):
+            order = MetricsCB.order + 1
+
+            def after_batch(self, learn, *args, **kwargs):
+                pass
+
+        learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[After()])
+        kinds = [type(cb) for cb in learn.cbs]
+        assert kinds.index(MetricsCB) + 1 == kinds.index(After) < kinds.index(Recorder)

@@ -72,5 +72,8 @@ class TestLimitBatchesCB:
     @pytest.mark.parametrize("kwargs", [{"train": 0}, {"valid": 1.5}])
     def test_bad_limits(self, kwargs):
         """Limits must be positive ints."""
-        with pytest.raises(ValueError, match=r"LimitBatchesCB (train|valid) \(None for all\) must be an int >= 1"):
+        with pytest.raises(
+            ValueError,
+            match=r"LimitBatchesCB (train|valid) \(None for all\) must be an int >= 1",
+        ):
             LimitBatchesCB(**kwargs)

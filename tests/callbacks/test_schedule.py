@@ -243,5 +243,8 @@ class TestEpochSchedCB:
         cb = EpochSchedCB(
             partial(torch.optim.lr_scheduler.ReduceLROnPlateau), monitor="accuracy"
         )
-        with pytest.raises(ValueError, match="EpochSchedCB monitors .accuracy.*available: train_loss, valid_loss"):
+        with pytest.raises(
+            ValueError,
+            match="EpochSchedCB monitors .accuracy.*available: train_loss, valid_loss",
+        ):
             learn.fit(1, cbs=[cb])

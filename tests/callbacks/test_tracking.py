@@ -262,6 +262,8 @@ def test_keyboard_interrupt_leaves_everything_usable(tmp_path, tqdm_bars):
     assert all(not m._forward_hooks for m in model.modules())
     assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
-    assert not model.training  # a fit leaves the model in eval mode, an interrupted one too
+    assert (
+        not model.training
+    )  # a fit leaves the model in eval mode, an interrupted one too
     learn.fit(3, resume=tmp_path)
     assert learn.epochs_done == 3
