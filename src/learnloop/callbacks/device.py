@@ -13,7 +13,7 @@ from .core import ORDERS, Callback
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["DeviceCB", "default_device", "move_optimizer_state", "to_device"]
+__all__ = ["DeviceCB", "default_device", "to_device"]
 
 
 def default_device() -> torch.device:

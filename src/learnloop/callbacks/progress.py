@@ -20,7 +20,7 @@ from .core import ORDERS, Callback
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["ProgressCB", "format_row", "in_notebook"]
+__all__ = ["ProgressCB"]
 
 log = logging.getLogger(__name__)
 

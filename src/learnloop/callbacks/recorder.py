@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ..learner import Learner
 
-__all__ = ["Recorder", "smooth"]
+__all__ = ["Recorder"]
 
 
 def smooth(values: list[float], beta: float = 0.98) -> list[float]:

@@ -36,7 +36,7 @@ from torch.utils.data import (
 
 from .hf import returned_none
 
-__all__ = ["BatchedDataset", "as_tfm_list", "batched_loader", "decode_images"]
+__all__ = ["BatchedDataset", "batched_loader", "decode_images"]
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-__all__ = ["check_transform", "class_names", "collate_dict", "inplace", "returned_none"]
+__all__ = ["collate_dict", "inplace"]
 
 
 def inplace(f: Callable[[Any], Any]) -> Callable[[Any], Any]:

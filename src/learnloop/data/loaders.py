@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .hf import check_transform, class_names, collate_dict
 
-__all__ = ["VALID_SPLITS", "DataLoaders"]
+__all__ = ["DataLoaders"]
 
 VALID_SPLITS = ("validation", "valid", "test")
 
