@@ -99,6 +99,15 @@ class TestCheckpointCB:
         assert [last for last, _ in spy.seen] == [None, 2, 2, 4, 5]
         assert not (tmp_path / "best.pt").exists()
 
+    def test_missing_monitor_still_writes_last(self, tmp_path):
+        """The default monitor (valid_loss) missing: an error saying monitor=None, and last.pt written."""
+        with pytest.raises(
+            ValueError, match=r"monitor=None: last.pt only\) monitors 'valid_loss'"
+        ):
+            learner(CheckpointCB(tmp_path)).fit(2, valid=False)
+        assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 1
+        assert not (tmp_path / "best.pt").exists()
+
     def test_resumed_fit_keeps_the_best_value(self, tmp_path):
         """A resumed fit writes best.pt only when it beats the best value saved before."""
         values = [3.0, 2.0, 2.5, 1.0]

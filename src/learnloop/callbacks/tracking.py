@@ -1,7 +1,7 @@
 """Safety callbacks for long fits: checkpoints, early stopping, and stopping on a non-finite loss.
 
-They read the epoch's row, `learn.epoch_log`, that MetricsCB builds, so they run after it (and
-after the Recorder and the progress table, so that a stopped fit still shows its last row).
+They read the epoch's row, `learn.epoch_log`, that MetricsCB builds, so they run after it
+(`ORDERS`); EarlyStoppingCB runs after the progress table too, so a stopped fit shows its last row.
 Under torchrun, checkpoints are written by rank 0 alone (see `checkpoint.save_checkpoint`).
 """
 
