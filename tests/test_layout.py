@@ -99,12 +99,17 @@ def test_no_upward_import(module):
 
 
 def test_floors_cover_every_module():
-    """Every module has a floor, so a new one cannot slip past the check."""
+    """Every module is placed on a floor by name, so a new one cannot slip in as 'top'."""
     for module in modules():
-        assert floor(module) is not None
+        if floor(module) == "data" or module == "learnloop":
+            continue
+        placed = module
+        while placed not in FLOORS:
+            placed = placed.rpartition(".")[0]
+        assert placed != "learnloop", f"{module} has no floor in FLOORS"
 
 
-def test_import_checker_sees_a_violation(tmp_path, monkeypatch):
+def test_import_checker_sees_imports():
     """The checker finds relative imports, so the layout test can fail."""
     assert "learnloop.dist" in runtime_imports("learnloop.checkpoint")
     assert "learnloop.callbacks.core" in runtime_imports("learnloop.dispatch")
