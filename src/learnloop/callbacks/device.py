@@ -33,9 +33,11 @@ def default_device() -> torch.device:
 
 def to_device(obj: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
     """Move tensors in `obj` (nested tuples, lists and dicts too) to `device`; other values pass through."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
 
-    # Tensors already there are returned as they are (`.to` would only parse its arguments).
+    # Per batch: tensors already there are returned as they are (`.to` would only parse its
+    # arguments).
     def move(t: torch.Tensor) -> torch.Tensor:
         return t if t.device == device else t.to(device, non_blocking=non_blocking)
 
@@ -86,11 +88,8 @@ class DeviceCB(Callback):
     def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._place_model(learn)  # validate()/get_preds() run without before_fit
 
-    def _move(self, t: torch.Tensor) -> torch.Tensor:
-        return t if t.device == self.device else t.to(self.device, non_blocking=True)
-
     def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        learn.batch = map_tensors(self._move, learn.batch)
+        learn.batch = to_device(learn.batch, self.device)
 
     def __repr__(self) -> str:
         return f"DeviceCB(device={str(self.device)!r})"
