@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -251,7 +252,8 @@ class TestCancel:
         """A batch cancel raised at fit level is reported as a misuse, and after_fit still runs."""
         cb = recorder(trigger="before_fit", exc=CancelBatchException())
         with pytest.raises(
-            RuntimeError, match="CancelBatchException was raised outside"
+            RuntimeError,
+            match="CancelBatchException was raised in Recording.before_fit, outside the level",
         ):
             tiny_learner([cb]).fit(1)
         assert cb.events[-1] == "after_fit"
@@ -420,12 +422,50 @@ class TestErrors:
 
     @pytest.mark.parametrize(
         "kwargs,match",
-        [({"n_epochs": -1}, "n_epochs"), ({"lr": 0}, "lr must be positive")],
+        [({"n_epochs": -1}, "n_epochs"), ({"lr": 0}, "lr must be a finite number > 0")],
     )
     def test_bad_fit_arguments(self, kwargs, match):
         """fit rejects a negative epoch count and a non-positive learning rate."""
         with pytest.raises(ValueError, match=match):
             tiny_learner([]).fit(**kwargs)
+
+
+class TestLearningRates:
+    """nan and infinite learning rates are refused everywhere a rate comes in, before any step."""
+
+    @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+    @pytest.mark.parametrize(
+        "where",
+        ["Learner lr", "fit lr", "fit_one_cycle lr_max", "lr_find end_lr"],
+    )
+    def test_non_finite_refused(self, where, bad):
+        """Each entry point raises a ValueError naming the argument, and the weights stay finite."""
+        make = {
+            "Learner lr": lambda: Learner(nn.Linear(4, 3), make_dls(), lr=bad),
+            "fit lr": lambda: tiny_learner([]).fit(1, lr=bad),
+            "fit_one_cycle lr_max": lambda: tiny_learner([]).fit_one_cycle(
+                1, lr_max=[bad]
+            ),
+            "lr_find end_lr": lambda: tiny_learner([]).lr_find(end_lr=bad),
+        }[where]
+        with pytest.raises(ValueError, match=f"{where} must be a finite number > 0"):
+            make()
+
+    def test_non_finite_refused_before_the_fit(self):
+        """A nan lr passed to fit leaves the weights and the optimizer untouched."""
+        learn = tiny_learner([])
+        before = copy.deepcopy(learn.model.state_dict())
+        with pytest.raises(ValueError, match="nan"):
+            learn.fit(1, lr=math.nan)
+        assert all(
+            torch.equal(before[k], v) for k, v in learn.model.state_dict().items()
+        )
+        assert learn.opt is None
+
+    def test_non_number_refused(self):
+        """A string lr is a TypeError naming the type."""
+        with pytest.raises(TypeError, match="Learner lr must be a number, got str"):
+            Learner(nn.Linear(4, 3), make_dls(), lr="1e-3")
 
 
 class TestInference:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["add_note", "check_int", "check_not_empty", "describe"]
+__all__ = ["add_note", "check_int", "check_lr", "check_not_empty", "describe"]
 
 
 def add_note(e: BaseException, note: str, once: bool = True) -> None:
@@ -54,3 +55,21 @@ def check_int(value: object, name: str, minimum: int = 1, unit: str = "") -> int
         what = f" ({unit})" if unit else ""
         raise ValueError(f"{name} must be an int >= {minimum}{what}, got {value!r}.")
     return value
+
+
+def check_lr(value: object, name: str = "lr") -> float:
+    """Return `value` if it is a finite, positive number, else raise a ValueError naming `name`.
+
+    `lr <= 0` alone lets nan through (every comparison with nan is False), and a nan or infinite
+    learning rate turns the weights into nan at the first step.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{name} must be a finite number > 0, got {value!r}: try 1e-3, or run "
+            "learn.lr_find() for a suggestion."
+        )
+    return float(value)

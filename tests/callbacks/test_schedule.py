@@ -158,7 +158,8 @@ class TestFitOneCycle:
             ({"pct_start": 1.5}, "pct_start"),
             ({"div": 0}, "div"),
             ({"moms": (0.9, 0.8)}, "moms"),
-            ({"lr_max": -1.0}, "lr_max must be positive"),
+            ({"lr_max": -1.0}, "lr_max must be a finite number > 0"),
+            ({"lr_max": float("nan")}, "lr_max must be a finite number > 0"),
         ],
     )
     def test_bad_arguments(self, kwargs, match):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import check_int
+from ..errors import check_int, check_lr
 from ..events import CancelFitException
 from ..state import capture, restore
 from .core import ORDERS, Callback
@@ -155,7 +155,9 @@ class LRFinderCB(Callback):
         div_factor: float = 4.0,
         beta: float = 0.98,
     ) -> None:
-        if not 0 < start_lr < end_lr:
+        check_lr(start_lr, "lr_find start_lr")
+        check_lr(end_lr, "lr_find end_lr")
+        if not start_lr < end_lr:
             raise ValueError(
                 f"Need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}."
             )

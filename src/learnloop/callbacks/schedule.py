@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import check_int
+from ..errors import check_int, check_lr
 from .core import ORDERS, Callback
 from .tracking import monitored_value
 
@@ -40,8 +40,8 @@ def cos_interp(start: float, end: float, pct: float) -> float:
 
 def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list[float]:
     if isinstance(value, (int, float)):
-        return [float(value)] * n_groups
-    values = [float(v) for v in value]
+        return [check_lr(value, name)] * n_groups
+    values = [check_lr(v, name) for v in value]
     if len(values) != n_groups:
         raise ValueError(
             f"{name} has {len(values)} values for {n_groups} parameter groups: give one per group."
@@ -83,8 +83,6 @@ class OneCycle:
             raise ValueError(f"moms must be (start, middle, end), got {moms!r}.")
         self.opt, self.total_steps, self.pct_start = opt, total_steps, pct_start
         self.lr_max = _per_group(lr_max, len(opt.param_groups), "lr_max")
-        if any(lr <= 0 for lr in self.lr_max):
-            raise ValueError(f"lr_max must be positive, got {lr_max}.")
         self.div, self.div_final, self.moms = div, div_final, moms
         self.last_step = 0
         self._set(0)
