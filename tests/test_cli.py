@@ -85,3 +85,46 @@ def test_missing_validation_split(tmp_path, capsys):
     image_dataset(4).to_parquet(tmp_path / "train.parquet")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     assert "splits ['train']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--threads", "-3"], "--threads must be 0"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--bs", "abc"], "argument --bs: invalid int value"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path, capsys, args, match):
+    """A bad option value exits with status 2 and one line on stderr, before any training."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", *args, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("learnloop: error: ")
+    assert match in lines[0]
+    assert captured.out == ""
+
+
+def test_out_is_checked_before_training(tmp_path, capsys):
+    """--out naming a file fails at once with exit 2, before the data is loaded or an epoch runs."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    assert main(["train", "--epochs", "1", "--out", str(blocker)]) == 2
+    captured = capsys.readouterr()
+    assert "is a file, not a folder" in captured.err
+    assert "epoch" not in captured.out  # no table: nothing was trained
+    assert blocker.read_text() == "not a folder"
+
+
+def test_train_checks_out_first(tmp_path):
+    """The Python entry point refuses an --out it cannot write into before training."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    with pytest.raises(
+        NotADirectoryError, match="cannot write to --out .*Not a directory"
+    ):
+        train(epochs=1, out=str(blocker / "sub"))

@@ -10,18 +10,22 @@ only rank 0 prints and writes files.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import nn
 
+from .dist import is_main_process
+
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["build", "main", "run", "train"]
+__all__ = ["build", "check_out", "main", "run", "train"]
 
 
 def _columns(ds: Any) -> tuple[str, str]:
@@ -96,8 +100,6 @@ def build(
 
 def run(learn: Learner, net: nn.Module, epochs: int, out: str) -> dict[str, Any]:
     """Fit for `epochs`; on rank 0 print the accuracy and write `loss.png` and `model.pt` to `out`."""
-    from .dist import is_main_process
-
     learn.fit(epochs)
     row = dict(learn.epoch_log)
     if not is_main_process():  # under torchrun, rank 0 reports and writes the files
@@ -111,6 +113,28 @@ def run(learn: Learner, net: nn.Module, epochs: int, out: str) -> dict[str, Any]
     return row
 
 
+def check_out(out: str) -> Path:
+    """Make the folder `out` and prove it takes files, before any training is spent on it.
+
+    Raises NotADirectoryError (a file is in the way) or PermissionError/OSError (cannot write).
+    """
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"--out {out} is a file, not a folder: pass a folder for loss.png and model.pt."
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise type(e)(
+            e.errno,
+            f"cannot write to --out {out} ({e.strerror}): pass a writable folder",
+        ) from e
+    return folder
+
+
 def train(
     data: str = "digits",
     model: str = "cnn",
@@ -122,6 +146,8 @@ def train(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
+    if is_main_process():  # the one process that writes there
+        check_out(out)
     _setup(threads, seed)
     return run(*build(data, model, lr, bs), epochs, out)
 
@@ -132,12 +158,30 @@ def _setup(threads: int | None, seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`learnloop: error: ...`) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"learnloop: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first bad value among the numeric options, as a message; None if all are fine."""
+    if args.epochs < 1:
+        return f"--epochs must be at least 1, got {args.epochs}"
+    if args.bs < 1:
+        return f"--bs must be at least 1, got {args.bs}"
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        return f"--lr must be a finite number > 0, got {args.lr}"
+    if args.threads < 0:
+        return f"--threads must be 0 (torch's default) or more, got {args.threads}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `learnloop` command."""
-    parser = argparse.ArgumentParser(
-        prog="learnloop", description=__doc__.splitlines()[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="learnloop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a model end to end (offline by default)")
     t.add_argument(
         "--data",
@@ -156,12 +200,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.bs < 1 or args.lr <= 0:
-        parser.error("--epochs and --bs must be at least 1 and --lr positive")
-    _setup(args.threads or None, args.seed)
-    try:  # bad input gets one line; an error inside the fit keeps its traceback and notes
+    problem = _check_args(args)
+    if problem:
+        t.error(problem)
+    # Bad input gets one line; an error inside the fit keeps its traceback and notes.
+    try:
+        if (
+            is_main_process()
+        ):  # before the data is loaded, long before the files are written
+            check_out(args.out)
+        _setup(args.threads or None, args.seed)
         learn, net = build(args.data, args.model, args.lr, args.bs)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, OSError) as e:
         print(
             f"learnloop: error: {e.args[0] if isinstance(e, KeyError) else e}",
             file=sys.stderr,
