@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import random
 from functools import partial
@@ -112,8 +111,8 @@ class TestExactResume:
         make_learner(1, False).fit(4, cbs=[Epochs()], resume=tmp_path / "last.pt")
         assert seen == [2, 3]
 
-    def test_resume_of_a_finished_fit_runs_nothing(self, tmp_path, caplog):
-        """Resuming with n_epochs <= the saved epochs runs no epoch and logs why."""
+    def test_resume_of_a_finished_fit_runs_nothing(self, tmp_path):
+        """Resuming with n_epochs <= the saved epochs runs no epoch and warns why, where users see it."""
         make_learner(0, False, cbs=[CheckpointCB(tmp_path)]).fit(2)
         learn = make_learner(1, False)
         fired = []
@@ -122,10 +121,9 @@ class TestExactResume:
             def before_fit(self, learn, *args, **kwargs):
                 fired.append("before_fit")
 
-        with caplog.at_level(logging.INFO, logger="learnloop"):
+        with pytest.warns(UserWarning, match="Nothing to resume.*holds 2 epochs"):
             learn.fit(2, cbs=[Any_()], resume=tmp_path)
         assert fired == []
-        assert "Nothing to resume" in caplog.text
         assert learn.epochs_done == 2  # the checkpoint was still loaded
 
     def test_save_and_load_round_trip(self, tmp_path):

@@ -101,12 +101,14 @@ class CallbackHost:
         for cb, hook in hooks:
             try:
                 hook(self, **context)
-            except CancelException:
+            except CancelException as e:
+                # Kept for the message if it turns out to be raised outside its level.
+                e._learnloop_raised_in = f"{type(cb).__name__}.{event}"  # type: ignore[attr-defined]
                 raise
             except Exception as e:
                 add_note(
                     e,
-                    f"learnloop: raised in {type(cb).__name__}.{event} ({self._where()}).",
+                    f"learnloop: raised in {type(cb).__name__}.{event} ({self._where(event)}).",
                 )
                 raise
 
@@ -116,14 +118,18 @@ class CallbackHost:
         """Call every hook of a cleanup event, even after one raises, so each gets to clean up.
 
         While `failure` propagates, a hook's error is logged and noted on it (the original error
-        stays the one the user sees); otherwise the first hook error is raised at the end.
+        stays the one the user sees); otherwise the first hook error is raised at the end. A
+        Cancel* raised here is ignored: the level it would cancel has already ended.
         """
         first: Exception | None = None
         for cb, hook in self._table.get(event, ()):
             try:
                 hook(self, **context)
+            except CancelException as e:
+                # Nothing is left to cancel once a level ends: a Cancel* here stops nothing.
+                log.debug("%s.%s raised %r during cleanup: ignored.", cb, event, e)
             except Exception as e:
-                where = f"{type(cb).__name__}.{event} ({self._where()})"
+                where = f"{type(cb).__name__}.{event} ({self._where(event)})"
                 add_note(e, f"learnloop: raised in {where}.")
                 if failure is None:
                     first = first or e
@@ -154,6 +160,6 @@ class CallbackHost:
             self.remove_cbs(*extra)
             self.add_cbs(*hidden)
 
-    def _where(self) -> str:
-        """Where the run is, for error notes (the Learner says epoch and batch)."""
+    def _where(self, event: str | None = None) -> str:
+        """Where the run is when `event` fires, for error notes (the Learner says epoch and batch)."""
         return "outside a fit"

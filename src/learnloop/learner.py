@@ -8,7 +8,9 @@ fires the events.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,12 +24,13 @@ from .callbacks.gather import GatherPredsCB
 from .callbacks.metrics import MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .dispatch import CallbackHost, displaced
 from .dist import barrier, world_size
-from .errors import add_note, check_int, check_not_empty, describe
+from .errors import add_note, check_int, check_lr, check_not_empty, describe
 from .events import (
+    EVENTS,
     LEVELS,
     CancelBatchException,
     CancelException,
@@ -81,6 +84,7 @@ class Learner(CallbackHost):
     preds: Any
     loss: Tensor | None
     epoch_log: dict[str, Any]
+    resumed_from: Path | None
 
     def __init__(
         self,
@@ -105,8 +109,7 @@ class Learner(CallbackHost):
             raise TypeError(
                 f"loss_func must be callable, got {type(loss_func).__name__}."
             )
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}.")
+        check_lr(lr, "Learner lr")
         check_not_empty(dls.train, "train")
         super().__init__()
         self.model, self.dls, self.loss_func = model, dls, loss_func
@@ -117,6 +120,8 @@ class Learner(CallbackHost):
         self.training = False
         self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
         self.epoch_log = {}
+        self.resumed_from = None
+        self._check_loss = False
         user_cbs = list(cbs or [])
         for cb in user_cbs:
             check_callback(cb)
@@ -134,9 +139,19 @@ class Learner(CallbackHost):
             "No Recorder is attached: pass cbs=[Recorder()] to the Learner."
         )
 
-    def _where(self) -> str:
+    def _where(self, event: str | None = None) -> str:
+        """Where the loop is when `event` fires (None: inside a batch), for error notes."""
         phase = "training" if self.training else "validation"
-        return f"epoch {self.epoch}, {phase} batch {self.iter}"
+        scope = _EVENT_SCOPES.get(event, "batch") if event is not None else "batch"
+        if scope == "batch":
+            return f"epoch {self.epoch}, {phase} batch {self.iter}"
+        if scope == "phase":
+            return f"epoch {self.epoch}, {phase}"
+        if scope == "epoch":
+            return f"epoch {self.epoch}"
+        if event == "before_fit":
+            return f"before epoch {self.epoch}, the first of this fit"
+        return f"the fit's end, {self.epochs_done} epochs done"
 
     # ---------------------------------------------------------------- step pieces
     def predict(self) -> None:
@@ -178,24 +193,26 @@ class Learner(CallbackHost):
         learner from it first and runs the epochs that remain up to `n_epochs` in all.
         """
         check_int(n_epochs, "fit n_epochs", minimum=0)
-        if lr is not None and lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}.")
+        if lr is not None:
+            check_lr(lr, "fit lr")
         if train:
             check_not_empty(self.dls.train, "train")
         with self._attached(list(cbs or [])):
             start = 0
+            self.resumed_from = None
             if resume is not None:
                 barrier()  # under torchrun, rank 0 may still be writing the checkpoint
                 self.load(resume)
                 start = self.epochs_done
                 if start >= n_epochs:
-                    log.info(
-                        "Nothing to resume: %s already holds %d epochs and fit asked for %d in all.",
-                        resume,
-                        start,
-                        n_epochs,
+                    warnings.warn(
+                        f"Nothing to resume: {resume} already holds {start} epochs and fit asked "
+                        f"for {n_epochs} in all, so no epoch ran. Ask for more, e.g. "
+                        f"fit({start + n_epochs}, resume=...).",
+                        stacklevel=2,
                     )
                     return
+                self.resumed_from = checkpoint_path(resume)
             self._prepare_opt(lr)
             self.n_epochs = n_epochs
             self._run_fit(n_epochs, train, valid and self.dls.valid is not None, start)
@@ -220,6 +237,10 @@ class Learner(CallbackHost):
         from .callbacks.schedule import one_cycle
 
         lr_max = self.lr if lr_max is None else lr_max
+        for value in [lr_max] if isinstance(lr_max, (int, float)) else lr_max:
+            check_lr(
+                value, "fit_one_cycle lr_max"
+            )  # before the fit, not at its before_fit
         sched = one_cycle(self, n_epochs, lr_max, pct_start, div, div_final, moms)
         self.fit(n_epochs, cbs=[sched, *(cbs or [])], resume=resume)
 
@@ -264,6 +285,7 @@ class Learner(CallbackHost):
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
         # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.
         self.epoch = self.epochs_done = start
+        self._warned_empty: set[str] = set()
         failure: BaseException | None = None
         try:
             self._fire("before_fit", n_epochs=n_epochs)
@@ -275,9 +297,10 @@ class Learner(CallbackHost):
         except CancelFitException as e:
             self._fire("after_cancel_fit", exception=e)
         except CancelException as e:
+            where = getattr(e, "_learnloop_raised_in", "the loop")
             raise RuntimeError(
-                f"{type(e).__name__} was raised outside the level it cancels ({self._where()}); "
-                "raise it from a hook of that level (see learnloop.events)."
+                f"{type(e).__name__} was raised in {where}, outside the level it cancels "
+                f"(epoch {self.epoch}); raise it from a hook of that level (see learnloop.events)."
             ) from e
         except BaseException as e:
             failure = e
@@ -324,8 +347,43 @@ class Learner(CallbackHost):
             self.model.train(was_training)
 
     def _all_batches(self, dl: Iterable[Any]) -> None:
-        for i, batch in enumerate(dl):
-            self._one_batch(i, batch)
+        self._check_loss = True  # the first batch's loss is checked (see _verify_loss)
+        i = -1
+        try:
+            for i, batch in enumerate(dl):
+                self._one_batch(i, batch)
+        except CancelException:
+            raise
+        except Exception as e:
+            # Errors of the batch itself are noted already; what is left came from the loader.
+            phase = "training" if self.training else "validation"
+            add_note(
+                e,
+                f"learnloop: raised by the {phase} loader fetching batch {i + 1} "
+                f"(epoch {self.epoch}).",
+            )
+            raise
+        if i < 0:
+            self._warn_empty()
+
+    def _warn_empty(self) -> None:
+        """Say once per fit that a phase's loader yielded no batch (its loss is then absent)."""
+        name = "train" if self.training else "valid"
+        if name in self._warned_empty:
+            return
+        self._warned_empty.add(name)
+        hint = (
+            "an iterator or generator is used up after one pass: pass a DataLoader or "
+            "another re-iterable"
+            if self.training
+            else "check the validation set's length and batch_size with drop_last, or "
+            "pass valid=False"
+        )
+        warnings.warn(
+            f"The {name} loader yielded no batches in epoch {self.epoch}, so that phase did "
+            f"nothing and its loss is absent from the row; {hint}.",
+            stacklevel=2,
+        )
 
     def _one_batch(self, i: int, batch: Any) -> None:
         # The batch level is written out, not run by _run_level: after_batch passes the loss,
@@ -334,7 +392,7 @@ class Learner(CallbackHost):
         self.iter, self.batch = i, batch
         self.preds = self.loss = None  # a cancelled batch must not show the last one's
         fire = self._fire
-        piece = None
+        piece = "split"
         try:
             fire("before_batch", iter=i)
             self._split_batch(self.batch)
@@ -343,6 +401,8 @@ class Learner(CallbackHost):
             fire("after_pred", preds=self.preds)
             piece = "get_loss"
             self.get_loss()
+            if self._check_loss:
+                self._verify_loss()
             fire("after_loss", loss=self.loss)
             if self.training:
                 piece = "backward"
@@ -357,13 +417,32 @@ class Learner(CallbackHost):
             raise
         except Exception as e:
             # A hook's error already carries its own note, and the first note stays.
-            if piece is not None:
-                self._note_piece(e, piece)
+            self._note_piece(e, piece)
             raise
         fire("after_batch", iter=i, loss=self.loss)
 
+    def _verify_loss(self) -> None:
+        """Raise unless the loss is a one-value tensor (checked on each phase's first batch)."""
+        self._check_loss = False
+        loss = self.loss
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            return
+        got = (
+            f"a tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, Tensor)
+            else f"{type(loss).__name__} {loss!r}"[:80]
+        )
+        raise TypeError(
+            f"The loss must be a one-value tensor, but {_callable_name(self.loss_func)} returned "
+            f"{got}: return a torch scalar computed from the predictions (a Python number "
+            "carries no gradient; a per-sample loss needs reduction='mean' or .mean())."
+        )
+
     def _note_piece(self, e: Exception, piece: str) -> None:
         """Note on `e` the step piece it came from, where the loop was, and the shapes involved."""
+        if piece == "split":
+            add_note(e, f"learnloop: raised in {_PIECES[piece]} ({self._where()}).")
+            return
         note = f"learnloop: raised in {_PIECES[piece]} ({self._where()}); inputs {describe(self.xb)}"
         if piece != "predict":
             note += f", preds {describe(self.preds)}, targets {describe(self.yb)}"
@@ -428,6 +507,7 @@ class Learner(CallbackHost):
         if dl is None:
             raise ValueError("No data to evaluate: dls.valid is None; pass dl=... .")
         saved, self.epoch_log = self.epoch_log, {}
+        self._warned_empty = set()
         try:
             with self._attached(extra):
                 try:
@@ -449,11 +529,29 @@ class Learner(CallbackHost):
 
 
 _PIECES = {
+    "split": "splitting the batch into inputs and targets",
     "predict": "the model's forward pass (predict)",
     "get_loss": "the loss (get_loss)",
     "backward": "the backward pass (backward)",
     "step": "the optimizer step (step)",
     "zero_grad": "zero_grad",
+}
+
+
+def _events_of(level: str) -> tuple[str, ...]:
+    return (f"before_{level}", f"after_{level}", f"after_cancel_{level}")
+
+
+def _callable_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+# Which part of the run each event belongs to, for error notes (`Learner._where`).
+_EVENT_SCOPES = {
+    **{e: "batch" for e in EVENTS},
+    **{e: "phase" for lv in ("train", "validate") for e in _events_of(lv)},
+    **{e: "epoch" for e in _events_of("epoch")},
+    **{e: "fit" for e in _events_of("fit")},
 }
 
 # For each level: its before, after and after_cancel events and the exception that cancels it.
