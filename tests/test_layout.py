@@ -25,6 +25,7 @@ FLOORS: dict[str, int] = {
     "learnloop.callbacks.core": 1,
     "learnloop.dispatch": 1,
     "learnloop.checkpoint": 1,
+    "learnloop.runs": 1,
     "learnloop.callbacks": 2,  # the package and every other callback module
     "learnloop.learner": 3,
     "learnloop.cli": 4,

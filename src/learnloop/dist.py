@@ -30,6 +30,7 @@ from torch.utils.data import (
 )
 
 __all__ = [
+    "any_process",
     "barrier",
     "distributed_sampler",
     "gather_in_order",
@@ -104,6 +105,15 @@ def sum_across_processes(value: Tensor | float) -> Tensor:
     )
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device, t.dtype)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is True on any process (`flag` itself outside a process group); every rank must call it.
+
+    For a decision that one rank makes (rank 0 checks its files) and every rank must act on: a
+    refusal raised on rank 0 alone would leave the others waiting in a collective.
+    """
+    return bool(sum_across_processes(torch.tensor(int(flag))) > 0)
 
 
 # ------------------------------------------------------------------------------ sharded loaders

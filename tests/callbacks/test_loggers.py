@@ -6,7 +6,7 @@ import csv
 import sys
 
 import pytest
-from helpers import make_dls
+from helpers import boom, make_dls
 from torch import nn
 
 from learnloop import (
@@ -54,13 +54,13 @@ class TestCSVLoggerCB:
         assert [r["epoch"] for r in rows] == ["0", "1", "2"]
         assert all(float(r["valid_loss"]) > 0 for r in rows)
 
-    def test_fresh_fit_starts_the_file_anew(self, tmp_path):
-        """A second, non-resumed fit replaces the old rows."""
+    def test_second_fit_with_the_same_logger_appends(self, tmp_path):
+        """A second fit with the same logger adds its rows after the first fit's: nothing is lost."""
         path = tmp_path / "h.csv"
         learn = learner(CSVLoggerCB(path))
         learn.fit(3)
         learn.fit(2)
-        assert [r["epoch"] for r in read_rows(path)] == ["0", "1"]
+        assert [r["epoch"] for r in read_rows(path)] == ["0", "1", "2", "0", "1"]
 
     def test_resumed_fit_appends(self, tmp_path):
         """fit(4, resume=...) after 2 epochs appends rows 2 and 3 under the same header."""
@@ -105,3 +105,57 @@ class TestTensorBoardCB:
         events.Reload()
         assert [e.step for e in events.Scalars("epoch/valid_loss")] == [0, 1]
         assert len(events.Scalars("batch/train_loss")) == 12
+
+
+class TestEarlierRuns:
+    def test_fresh_fit_refuses_an_earlier_history(self, tmp_path):
+        """A new logger on a file of an earlier run refuses before the first epoch, and the rows stay."""
+        path = tmp_path / "h.csv"
+        learner(CSVLoggerCB(path)).fit(8)
+        before = path.read_text()
+        with pytest.raises(FileExistsError) as info:
+            learner(CSVLoggerCB(path)).fit(1)
+        assert "8 rows (epochs 0 to 7)" in str(info.value)
+        assert "overwrite=True" in str(info.value) and "resume=" in str(info.value)
+        assert path.read_text() == before
+
+    def test_overwrite_replaces(self, tmp_path):
+        """overwrite=True starts the file anew."""
+        path = tmp_path / "h.csv"
+        learner(CSVLoggerCB(path)).fit(3)
+        learner(CSVLoggerCB(path, overwrite=True)).fit(1)
+        assert [r["epoch"] for r in read_rows(path)] == ["0"]
+
+    def test_a_failed_start_leaves_the_file(self, tmp_path):
+        """With overwrite=True, a fit that fails before its first row leaves the old rows in place."""
+        path = tmp_path / "h.csv"
+        learner(CSVLoggerCB(path)).fit(2)
+        before = path.read_text()
+        with pytest.raises(ZeroDivisionError):
+            learner(
+                CSVLoggerCB(path, overwrite=True),
+                boom("after_loss", ZeroDivisionError()),
+            ).fit(1)
+        assert path.read_text() == before
+
+    def test_a_late_column_widens_the_header(self, tmp_path):
+        """A value missing from the first rows (validation cancelled in epoch 0) still gets its column."""
+        from learnloop import CancelValidException
+
+        class SkipFirstValidation(Callback):
+            order = -100
+
+            def before_validate(self, learn, epoch, **kwargs):
+                if epoch == 0:
+                    raise CancelValidException()
+
+        path = tmp_path / "h.csv"
+        learner(SkipFirstValidation(), CSVLoggerCB(path)).fit(3)
+        rows = read_rows(path)
+        assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+        assert rows[0]["valid_loss"] == "" and float(rows[2]["valid_loss"]) > 0
+
+    def test_folder_path_fails_when_made(self, tmp_path):
+        """CSVLoggerCB(path=<a folder>) fails at once."""
+        with pytest.raises(IsADirectoryError, match="is a folder: pass a file path"):
+            CSVLoggerCB(tmp_path)

@@ -276,3 +276,78 @@ def test_keyboard_interrupt_leaves_everything_usable(tmp_path, tqdm_bars):
     )  # a fit leaves the model in eval mode, an interrupted one too
     learn.fit(3, resume=tmp_path)
     assert learn.epochs_done == 3
+
+
+class TestEarlierRuns:
+    """A fresh fit never overwrites an earlier run's checkpoints; it says what is there and the ways on."""
+
+    def test_fresh_fit_refuses_an_earlier_run(self, tmp_path):
+        """The refusal comes before the first epoch, names epochs done and best value, and leaves the files."""
+        learner(SetValidLoss([3.0, 2.0, 2.5]), CheckpointCB(tmp_path)).fit(3)
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        epochs = []
+
+        class Count(Callback):
+            def before_epoch(self, learn, epoch, **kwargs):
+                epochs.append(epoch)
+
+        with pytest.raises(FileExistsError) as info:
+            learner(CheckpointCB(tmp_path), Count()).fit(1)
+        message = str(info.value)
+        assert "already holds an earlier run" in message
+        assert "last.pt (3 epochs done, best value 2" in message
+        assert "best.pt (2 epochs done" in message
+        assert f"resume={str(tmp_path)!r}" in message and "overwrite=True" in message
+        assert epochs == []
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    def test_resume_and_overwrite_are_the_ways_on(self, tmp_path):
+        """resume= continues the run; overwrite=True replaces it."""
+        learner(CheckpointCB(tmp_path)).fit(2)
+        learner(CheckpointCB(tmp_path)).fit(3, resume=tmp_path)
+        assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 3
+        learner(CheckpointCB(tmp_path, overwrite=True)).fit(1)
+        assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 1
+
+    def test_the_same_callback_fits_again(self, tmp_path):
+        """Files a CheckpointCB wrote itself are its own run: a second fit with it goes on."""
+        learn = learner(CheckpointCB(tmp_path))
+        learn.fit(2)
+        learn.fit(1)
+        assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 1
+
+    def test_unrelated_files_are_no_run(self, tmp_path):
+        """A folder with other files (no last.pt or best.pt) is fine to write into."""
+        (tmp_path / "notes.txt").write_text("mine")
+        learner(CheckpointCB(tmp_path)).fit(1)
+        assert (tmp_path / "last.pt").exists()
+
+    def test_path_that_is_a_file_fails_when_made(self, tmp_path):
+        """CheckpointCB(path=<a file>) fails at once, not after epoch 0's training."""
+        file = tmp_path / "ckpt"
+        file.write_text("")
+        with pytest.raises(NotADirectoryError, match="is a file; it needs a folder"):
+            CheckpointCB(file)
+
+
+class TestCancelledEpochs:
+    """An epoch whose validation was cancelled has no valid_loss: monitoring skips it, no error."""
+
+    @pytest.mark.parametrize("at", [1, 2])
+    def test_skipped_not_an_error(self, tmp_path, at):
+        """Early stopping and checkpoints go on past an epoch whose validation was cancelled."""
+        from learnloop import CancelValidException
+
+        class SkipValidation(Callback):
+            order = -100
+
+            def before_validate(self, learn, epoch, **kwargs):
+                if epoch == at:
+                    raise CancelValidException()
+
+        es, ck = EarlyStoppingCB(patience=5), CheckpointCB(tmp_path)
+        learn = learner(SkipValidation(), es, ck)
+        learn.fit(4)
+        assert learn.epochs_done == 4
+        assert es.stop_reason is StopReason.NOT_STOPPED
+        assert read_checkpoint(tmp_path / "last.pt")["epochs_done"] == 4

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..dist import is_main_process
+from ..runs import earlier_rows, refuse_earlier_run
 from ..tensors import to_plain
 from ..types import PathLike
 from .core import ORDERS, Callback
@@ -27,8 +29,10 @@ log = logging.getLogger(__name__)
 class CSVLoggerCB(Callback):
     """Writes `learn.epoch_log` to the CSV file `path`: a header, then one row per epoch.
 
-    A fresh fit starts the file anew. A resumed fit (`fit(n, resume=...)`) appends to it, first
-    dropping rows of the epochs it is about to run again, so each epoch appears once.
+    A file that holds an earlier run is never overwritten by surprise: a fresh fit refuses to start
+    (before its first epoch) unless `overwrite=True`. A resumed fit (`fit(n, resume=...)`) appends,
+    first dropping the rows of the epochs it is about to run again, so each epoch appears once. A
+    later fit with the same logger appends its rows to the ones it wrote.
 
     Example:
         >>> learn.fit(3, cbs=[CSVLoggerCB("history.csv")])  # doctest: +SKIP
@@ -38,22 +42,52 @@ class CSVLoggerCB(Callback):
 
     order = ORDERS["CSVLoggerCB"]
 
-    def __init__(self, path: PathLike = "history.csv") -> None:
+    def __init__(self, path: PathLike = "history.csv", overwrite: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(
+                f"CSVLoggerCB path {self.path} is a folder: pass a file path, e.g. "
+                f"{self.path / 'history.csv'}."
+            )
+        self.overwrite = overwrite
         self._fields: list[str] | None = None
         self._active = True
+        self._written: set[Path] = set()  # resolved paths this logger wrote
+        # How the first row of this fit goes in: "w" starts the file, "a" appends.
+        self._start = "w"
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._fields = None
         self._active = is_main_process()  # under torchrun only rank 0 writes
+        resumed = learn.resumed_from is not None
+        found = None
+        if self._active and not resumed and not self.overwrite:
+            found = earlier_rows(self.path, self._written)
+        where = str(self.path)
+        refuse_earlier_run(
+            "CSVLoggerCB",
+            self.path,
+            found,
+            "To continue that run: fit(n, resume=<its checkpoint>) appends to it. To keep it: "
+            f"log this fit to another file. To replace it: CSVLoggerCB({where!r}, "
+            "overwrite=True).",
+        )
         if not self._active:
             return
-        # Resumed: keep the rows of the epochs already done.
-        if learn.epoch > 0 and self.path.is_file():
+        # A fresh start writes nothing until the first row: a fit that fails before it leaves
+        # the file be. A resumed fit drops the rows of the epochs it runs again.
+        own = self.path.resolve() in self._written and self.path.is_file()
+        if resumed and self.path.is_file():
             self._keep_rows_before(learn.epoch)
+            self._start = "a"
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            self._start = "a" if own else "w"
+        if self._start == "a":
+            self._fields = self._header()
+
+    def _header(self) -> list[str] | None:
+        with open(self.path, newline="") as f:
+            return next(csv.reader(f), None) or None
 
     def _keep_rows_before(self, epoch: int) -> None:
         with open(self.path, newline="") as f:
@@ -75,16 +109,27 @@ class CSVLoggerCB(Callback):
         header = self._fields is None
         if header:
             self._fields = list(row)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         elif set(row) - set(self._fields):
-            log.warning(
-                "CSVLoggerCB: %s has columns %s; new values %s are not written.",
-                self.path,
-                self._fields,
-                sorted(set(row) - set(self._fields)),
-            )
-        self._write([row], mode="a", header=header)
+            # A value the first rows lacked (a phase that did not run then): widen the header.
+            self._fields += [k for k in row if k not in self._fields]
+            if self._start == "a":
+                self._rewrite_with_header()
+        mode, self._start = self._start, "a"
+        self._write([row], mode=mode, header=header or mode == "w")
+
+    def _rewrite_with_header(self) -> None:
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)  # the old rows are never half-written
 
     def _write(self, rows: list[dict[str, Any]], mode: str, header: bool) -> None:
+        self._written.add(self.path.resolve())
         with open(self.path, mode, newline="") as f:
             writer = csv.DictWriter(
                 f, fieldnames=self._fields, restval="", extrasaction="ignore"
@@ -94,7 +139,8 @@ class CSVLoggerCB(Callback):
             writer.writerows(rows)
 
     def __repr__(self) -> str:
-        return f"CSVLoggerCB(path={str(self.path)!r})"
+        flag = ", overwrite=True" if self.overwrite else ""
+        return f"CSVLoggerCB(path={str(self.path)!r}{flag})"
 
 
 class TensorBoardCB(Callback):

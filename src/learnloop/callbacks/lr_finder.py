@@ -222,7 +222,11 @@ def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) 
     n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
     n_epochs = math.ceil(finder.num_it / max(n_iter, 1))
     saved = capture(learn, clone=True)
-    mode, epoch_log = learn.model.training, dict(learn.epoch_log)
+    mode, epoch_log, resumed = (
+        learn.model.training,
+        dict(learn.epoch_log),
+        learn.resumed_from,
+    )
     attached = list(learn.cbs)
     try:
         learn.remove_cbs(
@@ -234,4 +238,4 @@ def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) 
         learn.add_cbs(*attached)
         restore(learn, saved)
         learn.model.train(mode)
-        learn.epoch_log = epoch_log
+        learn.epoch_log, learn.resumed_from = epoch_log, resumed

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import check_int, check_lr
 from .core import ORDERS, Callback
-from .tracking import monitored_value
+from .tracking import _SkipsCancelledEpochs
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -168,7 +168,8 @@ class _SchedCB(Callback):
         self._loaded: dict[str, Any] | None = None
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        resuming, loaded, self._loaded = learn.epoch > 0, self._loaded, None
+        resuming, loaded = learn.resumed_from is not None, self._loaded
+        self._loaded = None
         if not resuming:
             # torch schedulers keep `initial_lr` in the optimizer: a fresh fit (with lr=, say)
             # starts from the optimizer's current rate, not the first fit's.
@@ -227,7 +228,7 @@ class BatchSchedCB(_SchedCB):
             self._step()
 
 
-class EpochSchedCB(_SchedCB):
+class EpochSchedCB(_SchedCB, _SkipsCancelledEpochs):
     """Steps a scheduler made by `sched_factory(opt)` after every epoch.
 
     `ReduceLROnPlateau` is stepped with `learn.epoch_log[monitor]` (default the validation loss).
@@ -250,7 +251,9 @@ class EpochSchedCB(_SchedCB):
         if not isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self._step()
             return
-        self._step(monitored_value(learn, self.monitor, "EpochSchedCB"))
+        value = self._monitored(learn, self.monitor, "EpochSchedCB")
+        if value is not None:  # None: the epoch was cancelled before its value was made
+            self._step(value)
 
 
 def one_cycle(

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..checkpoint import save_checkpoint
+from ..dist import is_main_process
 from ..errors import check_int
 from ..events import CancelFitException
+from ..runs import earlier_checkpoints, refuse_earlier_run
 from ..tensors import to_plain
 from ..types import PathLike
 from .core import ORDERS, Callback
@@ -55,6 +57,38 @@ def monitored_value(learn: Learner, monitor: str, who: str) -> float:
     return float(to_plain(row[monitor]))
 
 
+class _SkipsCancelledEpochs(Callback):
+    """Base of the callbacks that read a monitored value after each epoch.
+
+    When the epoch or its validation was cancelled, the values of the phases that did not run are
+    absent from the row (see MetricsCB): `_monitored` then returns None and the epoch is skipped,
+    where a value that is missing for any other reason (a misspelled name, validation turned
+    off) is an error listing the values that exist.
+    """
+
+    _cancelled = False
+
+    def before_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self._cancelled = False
+
+    def after_cancel_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self._cancelled = True
+
+    def after_cancel_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self._cancelled = True
+
+    def _monitored(self, learn: Learner, monitor: str, who: str) -> float | None:
+        if self._cancelled and monitor not in learn.epoch_log:
+            log.info(
+                "%s: %r is absent in epoch %d, which was cancelled: not checked.",
+                type(self).__name__,
+                monitor,
+                learn.epoch,
+            )
+            return None
+        return monitored_value(learn, monitor, who)
+
+
 class _Monitor:
     """Tracks the best value of one metric, in `mode` 'min' or 'max', with a `min_delta` margin."""
 
@@ -73,7 +107,7 @@ class _Monitor:
         return value > self.best + self.min_delta
 
 
-class CheckpointCB(Callback):
+class CheckpointCB(_SkipsCancelledEpochs):
     """Writes `path/last.pt` every `every` epochs and when the fit ends, and `path/best.pt` whenever
     `monitor` (an `epoch_log` key, e.g. 'valid_loss') improves in `mode` 'min' or 'max'.
 
@@ -99,11 +133,16 @@ class CheckpointCB(Callback):
         every: int = 1,
         monitor: str | None = "valid_loss",
         mode: str = "min",
+        overwrite: bool = False,
     ) -> None:
         self.every = check_int(
             every, "CheckpointCB every", unit="epochs between writes"
         )
         self.path = Path(path)
+        _check_folder(self.path)
+        self.overwrite = overwrite
+        # The files this callback wrote: a later fit with it may replace them.
+        self._written: set[Path] = set()
         self._best = None
         if monitor is not None:
             self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB")
@@ -117,8 +156,21 @@ class CheckpointCB(Callback):
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._due = None
+        fresh = learn.resumed_from is None
+        _check_folder(self.path)
+        found = None
+        if fresh and not self.overwrite and is_main_process():
+            found = earlier_checkpoints(self.path, self._written)
+        where = str(self.path)
+        refuse_earlier_run(
+            "CheckpointCB",
+            self.path,
+            found,
+            f"To continue that run: fit(n, resume={where!r}). To keep it: give this fit "
+            f"another folder. To replace it: CheckpointCB({where!r}, overwrite=True).",
+        )
         # A fresh fit; a resumed one keeps the loaded best.
-        if self._best is not None and learn.epoch == 0:
+        if self._best is not None and fresh:
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
 
     def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
@@ -126,14 +178,15 @@ class CheckpointCB(Callback):
         # Owed before the monitored value is read: if it is missing, after_fit still writes last.pt.
         self._due = (last, False)
         if self._best is not None:
-            value = monitored_value(
+            value = self._monitored(
                 learn, self._best.monitor, "CheckpointCB (monitor=None: last.pt only)"
             )
-            if self._best.improved(value):
+            if value is not None and self._best.improved(value):
                 self._best.best = value
                 self._due = (last, True)
 
     def before_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        super().before_epoch(learn)
         self._write(learn, final=False)
 
     def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
@@ -146,15 +199,19 @@ class CheckpointCB(Callback):
         last, best = self._due
         self._due = None
         if last or final:
-            save_checkpoint(learn, self.path / "last.pt")
+            self._save(learn, "last.pt")
         if best:
-            save_checkpoint(learn, self.path / "best.pt")
+            self._save(learn, "best.pt")
             log.info(
                 "CheckpointCB: %s improved to %.6g; wrote %s.",
                 self._best.monitor,
                 self.best,
                 self.path / "best.pt",
             )
+
+    def _save(self, learn: Learner, name: str) -> None:
+        path = save_checkpoint(learn, self.path / name)
+        self._written.add(path.resolve())
 
     def state_dict(self) -> dict[str, Any]:
         """The best value so far (for a resumed fit)."""
@@ -174,7 +231,15 @@ class CheckpointCB(Callback):
         return f"CheckpointCB(path={str(self.path)!r}, every={self.every}{monitor})"
 
 
-class EarlyStoppingCB(Callback):
+def _check_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"CheckpointCB path {path} is a file; it needs a folder (for last.pt and best.pt): "
+            "pass a folder path."
+        )
+
+
+class EarlyStoppingCB(_SkipsCancelledEpochs):
     """Stops the fit after `patience` epochs in a row without `monitor` improving by more than `min_delta`.
 
     A non-finite monitored value stops at once (`check_finite=False` turns that off). After the fit,
@@ -213,13 +278,17 @@ class EarlyStoppingCB(Callback):
         return self._best.best
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        if learn.epoch == 0:  # a fresh fit; a resumed one keeps the loaded counters
+        if (
+            learn.resumed_from is None
+        ):  # a fresh fit; a resumed one keeps the loaded counters
             self._reset()
         else:
             self.stop_reason, self.stopped_epoch = StopReason.NOT_STOPPED, None
 
     def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
-        value = monitored_value(learn, self._best.monitor, "EarlyStoppingCB")
+        value = self._monitored(learn, self._best.monitor, "EarlyStoppingCB")
+        if value is None:
+            return
         if self.check_finite and not math.isfinite(value):
             self._stop(
                 StopReason.NON_FINITE_METRIC, epoch, f"{self._best.monitor} is {value}"
