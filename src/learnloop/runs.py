@@ -66,7 +66,10 @@ def refuse_earlier_run(who: str, where: Path, found: str | None, ways: str) -> N
     if not any_process(found is not None):
         return
     if found is None:  # another rank found it; its message says what
-        raise FileExistsError(f"{who}: rank 0 found an earlier run at {where}.")
+        raise FileExistsError(
+            f"{who}: another process found an earlier run at its {where}; its error says "
+            "what is there."
+        )
     raise FileExistsError(
         f"{who}: {where} already holds an earlier run: {found}. This fresh fit would "
         f"overwrite it. {ways}"

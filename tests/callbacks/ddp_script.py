@@ -112,7 +112,18 @@ def main(out: Path) -> None:
         1, valid=False
     )
 
+    # An earlier run that rank 0 alone sees (as in folders that are not shared): every rank
+    # refuses, rather than rank 0 alone while the others wait for it in a collective.
+    alone = out / f"alone{rank()}"
+    learn.save(alone / "last.pt")  # written by rank 0 only
+    try:
+        Learner(nn.Linear(4, 3), dls, cbs=[CheckpointCB(alone)]).fit(1)
+        refused = ""
+    except FileExistsError as e:
+        refused = str(e)
+
     result = {
+        "refused": refused,
         "acc_state": acc_model.state_dict(),
         "acc_synced": synced,
         "row_index": row_index,

@@ -182,6 +182,11 @@ class TestUnderTorchrun:
         for k, v in ddp_run[0]["resumed_state"].items():
             assert torch.equal(v, ddp_run[1]["resumed_state"][k])
 
+    def test_earlier_run_refused_on_every_rank(self, ddp_run):
+        """An earlier run only rank 0 can see makes every rank refuse the fit (none is left waiting)."""
+        assert "already holds an earlier run" in ddp_run[0]["refused"]
+        assert "another process found an earlier run" in ddp_run[1]["refused"]
+
     def test_train_command_writes_on_rank0_only(self, tmp_path):
         """`learnloop train` runs unchanged under torchrun; only rank 0 prints and writes its files."""
         for r in (0, 1):
