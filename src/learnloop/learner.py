@@ -84,6 +84,7 @@ class Learner(CallbackHost):
     preds: Any
     loss: Tensor | None
     epoch_log: dict[str, Any]
+    # The checkpoint file this fit resumed from (fit's `resume=`); None in a fresh fit.
     resumed_from: Path | None
 
     def __init__(
@@ -121,7 +122,8 @@ class Learner(CallbackHost):
         self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
         self.epoch_log = {}
         self.resumed_from = None
-        self._check_loss = False
+        self._check_loss = False  # set for each phase's first batch
+        self._warned_empty: set[str] = set()  # phases whose empty loader was reported
         user_cbs = list(cbs or [])
         for cb in user_cbs:
             check_callback(cb)
@@ -190,7 +192,8 @@ class Learner(CallbackHost):
         """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate.
 
         `resume` (a checkpoint file, or a CheckpointCB folder meaning its `last.pt`) restores the
-        learner from it first and runs the epochs that remain up to `n_epochs` in all.
+        learner from it first and runs the epochs that remain up to `n_epochs` in all; callbacks
+        see the file as `learn.resumed_from`. With no epoch left it warns and runs nothing.
         """
         check_int(n_epochs, "fit n_epochs", minimum=0)
         if lr is not None:
@@ -237,10 +240,9 @@ class Learner(CallbackHost):
         from .callbacks.schedule import one_cycle
 
         lr_max = self.lr if lr_max is None else lr_max
+        # Checked before the fit, not at its before_fit where the schedule is built.
         for value in [lr_max] if isinstance(lr_max, (int, float)) else lr_max:
-            check_lr(
-                value, "fit_one_cycle lr_max"
-            )  # before the fit, not at its before_fit
+            check_lr(value, "fit_one_cycle lr_max")
         sched = one_cycle(self, n_epochs, lr_max, pct_start, div, div_final, moms)
         self.fit(n_epochs, cbs=[sched, *(cbs or [])], resume=resume)
 
@@ -283,9 +285,9 @@ class Learner(CallbackHost):
 
     # ---------------------------------------------------------------- the loop
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
-        # At before_fit, learn.epoch is the first epoch to run: callbacks tell a resumed fit by epoch > 0.
+        # At before_fit, learn.epoch is the first epoch to run (learn.resumed_from says why).
         self.epoch = self.epochs_done = start
-        self._warned_empty: set[str] = set()
+        self._warned_empty = set()
         failure: BaseException | None = None
         try:
             self._fire("before_fit", n_epochs=n_epochs)
