@@ -22,6 +22,7 @@ from learnloop import (
     MetricsCB,
     ProgressCB,
 )
+from learnloop.callbacks.progress import merge_columns
 
 
 class FakeTTY(io.StringIO):
@@ -216,3 +217,25 @@ def test_bars_closed_after_cancel(tqdm_bars, exc):
 
     fit(FakeTTY(), epochs=2, cbs=[Stop()])
     assert tqdm_bars and all(b.closed for b in tqdm_bars)
+
+
+@pytest.mark.parametrize(
+    "columns,row,expected",
+    [
+        (
+            ["epoch", "train_loss", "time"],
+            ["epoch", "valid_loss", "accuracy", "time"],
+            ["epoch", "train_loss", "valid_loss", "accuracy", "time"],
+        ),
+        (["epoch"], ["epoch", "train_loss", "time"], ["epoch", "train_loss", "time"]),
+        (
+            ["epoch", "valid_loss", "time"],
+            ["epoch", "train_loss", "time"],
+            ["epoch", "valid_loss", "train_loss", "time"],
+        ),
+        ([], ["epoch", "time"], ["epoch", "time"]),
+    ],
+)
+def test_merge_columns(columns, row, expected):
+    """New columns go before the next column the row shares with the table (time stays last)."""
+    assert merge_columns(columns, dict.fromkeys(row)) == expected

@@ -54,12 +54,12 @@ def format_row(row: dict[str, Any], columns: list[str], widths: list[int]) -> st
 
 
 def merge_columns(columns: list[str], row: dict[str, Any]) -> list[str]:
-    """`columns` with the keys of `row` they lack, each placed after the key that precedes it in `row`."""
-    out = list(columns)
-    for i, key in enumerate(row):
+    """`columns` with the keys of `row` they lack, each before the next key of `row` they have."""
+    out, keys = list(columns), list(row)
+    for i, key in enumerate(keys):
         if key not in out:
-            before = [k for k in list(row)[:i] if k in out]
-            out.insert(out.index(before[-1]) + 1 if before else 0, key)
+            after = [k for k in keys[i + 1 :] if k in out]
+            out.insert(out.index(after[0]) if after else len(out), key)
     return out
 
 
