@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_data, make_dls
+from helpers import count_host_reads, make_data, make_dls
 from torch import nn
 
-from learnloop import Callback, DataLoaders, Learner, Recorder
+from learnloop import Callback, DataLoaders, GradClipCB, Learner, Recorder
 from learnloop.callbacks.recorder import smooth
 
 
@@ -101,3 +101,19 @@ def test_long_run_values_as_per_batch():
     assert all(type(v) is float for v in rec.lrs + rec.losses)
     assert rec.losses == seen_losses  # float32 values, exactly
     assert rec.lrs == seen_lrs
+
+
+def test_no_host_read_per_batch(monkeypatch):
+    """Recording reads nothing back from the device per batch: a few reads an epoch, not one a batch."""
+    x, y = make_data(8).tensors
+    dls = DataLoaders([(x, y)] * 300, None)
+    names = ("item", "__float__", "tolist", "cpu", "numpy")
+    reads = count_host_reads(monkeypatch, names)
+    Learner(nn.Linear(4, 3), dls, default_cbs=False).fit(2)
+    without = len(reads)
+    reads.clear()
+    Learner(
+        nn.Linear(4, 3), dls, cbs=[Recorder(), GradClipCB(1.0)], default_cbs=False
+    ).fit(2)
+    # Two logs moved to the host once an epoch (cpu, numpy): 8; a read per batch would be 600.
+    assert len(reads) - without <= 8
