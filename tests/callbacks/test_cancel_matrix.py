@@ -37,7 +37,6 @@ from learnloop import (
     MetricsCB,
     ProgressCB,
 )
-from learnloop.callbacks.core import ORDERS
 
 LR = 0.05
 N_EPOCHS = 3
@@ -122,7 +121,7 @@ def canceller(hook: str, phase: str | None, epoch: int, exc: type, order: int):
 class Witness(Callback):
     """Sees each counted loss where MetricsCB does, and checks the batch bar as each batch starts."""
 
-    order = ORDERS["MetricsCB"]
+    order = MetricsCB.order
 
     def __init__(self, bars: list) -> None:
         self.bars = bars
