@@ -9,7 +9,18 @@ from helpers import count_host_reads, make_data
 from torch import nn
 from torch.utils.data import DataLoader
 
-from learnloop import Accuracy, DataLoaders, Learner, MetricsCB
+from learnloop import (
+    Accuracy,
+    Callback,
+    CancelEpochException,
+    CancelFitException,
+    CancelTrainException,
+    CancelValidException,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+)
+from learnloop.callbacks import metrics as metrics_module
 
 
 def uneven_dls():
@@ -67,6 +78,113 @@ class TestRows:
         cb = MetricsCB(Accuracy())
         Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb]).fit(1, valid=False)
         assert list(cb.history[0]) == ["epoch", "train_loss", "time"]
+
+
+def cancel_at(hook, exc, epoch=0, iter=None, order=-100):
+    """A callback that raises `exc` at `hook` in `epoch` (at training batch `iter`, for a batch hook)."""
+
+    def fire(self, learn, *args, **kwargs):
+        if learn.epoch == epoch and (
+            iter is None or (learn.training and learn.iter == iter)
+        ):
+            raise exc()
+
+    return type("Cancel", (Callback,), {hook: fire, "order": order})()
+
+
+def keys(cb):
+    return [list(r) for r in cb.history]
+
+
+class TestCancelledPhases:
+    """A row holds what ran: no key for a phase without a counted batch, no stale or repeated value."""
+
+    def test_train_cancelled_at_its_start(self):
+        """Training cancelled in before_train of the first epoch: the row has no train_loss."""
+        cb = MetricsCB(Accuracy())
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        learn.fit(2, cbs=[cancel_at("before_train", CancelTrainException)])
+        assert keys(cb) == [
+            ["epoch", "valid_loss", "accuracy", "time"],
+            ["epoch", "train_loss", "valid_loss", "accuracy", "time"],
+        ]
+
+    @pytest.mark.parametrize("order", [-100, 100])
+    def test_cancelled_epoch_is_a_bare_row(self, order):
+        """An epoch cancelled in before_epoch has the row {'epoch': e}: not the last row again."""
+        cb = MetricsCB()
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        stop = cancel_at("before_epoch", CancelEpochException, epoch=1, order=order)
+        learn.fit(3, cbs=[stop])
+        assert [r["epoch"] for r in cb.history] == [0, 1, 2]
+        assert cb.history[1] == {"epoch": 1}
+        assert cb.history[0]["train_loss"] != cb.history[2]["train_loss"]
+
+    @pytest.mark.parametrize("order", [-100, 100])
+    def test_validation_cancelled_has_no_valid_loss(self, order):
+        """Validation cancelled at its start leaves valid_loss and the metrics out, not the train loss."""
+        cb = MetricsCB(Accuracy())
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        stop = cancel_at("before_validate", CancelValidException, order=order)
+        learn.fit(1, cbs=[stop])
+        assert keys(cb) == [["epoch", "train_loss", "time"]]
+        assert learn.recorder.valid_losses == []
+
+    def test_phase_without_a_batch_has_no_key(self):
+        """Training cancelled before its first batch's loss: no train_loss (not nan)."""
+        cb = MetricsCB()
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        learn.fit(1, cbs=[cancel_at("before_batch", CancelTrainException, iter=0)])
+        assert keys(cb) == [["epoch", "valid_loss", "time"]]
+
+    @pytest.mark.parametrize("exc", [CancelTrainException, CancelEpochException])
+    def test_phase_cut_short_reports_what_ran(self, exc):
+        """A phase cancelled part way (by its own cancel or the epoch's) reports the mean over its batches that ran."""
+        seen = []
+
+        class Keep(Callback):
+            order = MetricsCB.order
+
+            def after_loss(self, learn, loss, **kwargs):
+                if learn.training:
+                    seen.append((loss.item(), len(learn.yb)))
+
+        cb = MetricsCB()
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb, Keep()])
+        learn.fit(1, cbs=[cancel_at("before_batch", exc, iter=2)])
+        assert len(seen) == 2
+        expected = sum(v * n for v, n in seen) / sum(n for _, n in seen)
+        assert cb.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+    def test_fit_cancelled_mid_epoch(self):
+        """An epoch cut short by CancelFitException has no row; epoch_log is left at the last row."""
+        cb = MetricsCB()
+        learn = Learner(nn.Linear(4, 3), uneven_dls(), cbs=[cb])
+        learn.fit(
+            3, cbs=[cancel_at("before_batch", CancelFitException, epoch=1, iter=1)]
+        )
+        assert [r["epoch"] for r in cb.history] == [0]
+        assert learn.epoch_log == cb.history[0]
+
+    def test_long_phase_folded_in_chunks(self, monkeypatch):
+        """Summed in chunks (here of 2, and chunks of chunks), the loss still equals the per-batch mean."""
+        monkeypatch.setattr(metrics_module, "_CHUNK", 2)
+        losses = []
+
+        class Keep(Callback):
+            def after_loss(self, learn, loss, **kwargs):
+                losses.append((learn.training, loss.item(), len(learn.yb)))
+
+        dls = DataLoaders(
+            DataLoader(make_data(70), batch_size=4),  # 18 batches, the last of 2 rows
+            DataLoader(make_data(30, seed=1), batch_size=4),
+        )
+        cb = MetricsCB()
+        Learner(nn.Linear(4, 3), dls, cbs=[cb, Keep()]).fit(1)
+        for training, key in ((True, "train_loss"), (False, "valid_loss")):
+            rows = [(v, n) for t, v, n in losses if t == training]
+            expected = sum(v * n for v, n in rows) / sum(n for _, n in rows)
+            assert cb.history[0][key] == pytest.approx(expected, rel=1e-6)
 
 
 class TestProtocol:

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from helpers import count_host_reads, make_data
 from torch import nn
 from torch.utils.data import DataLoader
 
-from learnloop import Accuracy, DataLoaders, Learner, MetricsCB, ProgressCB
+from learnloop import (
+    Accuracy,
+    Callback,
+    CancelEpochException,
+    CancelFitException,
+    CancelTrainException,
+    CancelValidException,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+    ProgressCB,
+)
+from learnloop.callbacks.progress import merge_columns
 
 
 class FakeTTY(io.StringIO):
@@ -17,7 +30,7 @@ class FakeTTY(io.StringIO):
         return True
 
 
-def fit(out, epochs=2, n=64, bs=16, **kw):
+def fit(out, epochs=2, n=64, bs=16, cbs=(), **kw):
     dls = DataLoaders(
         DataLoader(make_data(n), batch_size=bs),
         DataLoader(make_data(32, seed=1), batch_size=bs),
@@ -25,7 +38,7 @@ def fit(out, epochs=2, n=64, bs=16, **kw):
     learn = Learner(
         nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out, **kw)]
     )
-    learn.fit(epochs)
+    learn.fit(epochs, cbs=list(cbs))
     return learn
 
 
@@ -124,3 +137,105 @@ def test_one_batch_bar_per_fit(tqdm_bars):
     fit(out, epochs=3, mininterval=0.0)
     assert [b.first_desc for b in tqdm_bars] == ["epoch", "train"]
     assert "valid" in out.getvalue()
+
+
+def cancel_validation_in_epoch(epoch):
+    """A callback that cancels validation at its start in `epoch`."""
+
+    class Stop(Callback):
+        order = -100
+
+        def before_validate(self, learn, *args, **kwargs):
+            if learn.epoch == epoch:
+                raise CancelValidException()
+
+    return Stop()
+
+
+def test_table_blank_cells_and_new_header():
+    """A row without validation leaves blank cells; a later row with new columns prints the header again."""
+    out = io.StringIO()
+    dls = DataLoaders(
+        DataLoader(make_data(32), batch_size=16),
+        DataLoader(make_data(32, seed=1), batch_size=16),
+    )
+    learn = Learner(
+        nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out)]
+    )
+    learn.fit(2, cbs=[cancel_validation_in_epoch(0)])
+    lines = out.getvalue().splitlines()
+    assert [line.split() for line in lines[::2]] == [
+        ["epoch", "train_loss", "time"],
+        ["epoch", "train_loss", "valid_loss", "accuracy", "time"],
+    ]
+    assert lines[1].split()[0] == "0" and len(lines[1].split()) == 3
+    assert lines[3].split()[0] == "1" and len(lines[3].split()) == 5
+
+
+def test_row_cells_under_their_columns():
+    """A row lacking a middle column puts each value under its own header, the missing one blank."""
+    out = io.StringIO()
+    dls = DataLoaders(
+        DataLoader(make_data(32), batch_size=16),
+        DataLoader(make_data(32, seed=1), batch_size=16),
+    )
+    learn = Learner(
+        nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out)]
+    )
+    learn.fit(2, cbs=[cancel_validation_in_epoch(1)])
+    header, _, second = out.getvalue().splitlines()
+    ends = {m.group(): m.end() for m in re.finditer(r"\S+", header)}
+    cells = {m.end(): m.group() for m in re.finditer(r"\S+", second)}
+    assert sorted(cells) == sorted([ends["epoch"], ends["train_loss"], ends["time"]])
+    assert cells[ends["epoch"]] == "1" and cells[ends["time"]].endswith("s")
+
+
+def test_batch_bar_starts_each_phase_clean(tqdm_bars):
+    """When a phase starts, the batch bar is drawn with its label and without the last phase's loss."""
+    out = FakeTTY()
+    fit(out, epochs=2, mininterval=0.0)
+    draws = [
+        re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", d)
+        for line in out.getvalue().split("\n")
+        for d in line.split("\r")
+    ]
+    starts = [d for d in draws if d.startswith(("train:", "valid:")) and " 0/" in d]
+    assert starts and not [d for d in starts if "loss" in d]
+    assert {d.split(":")[0] for d in starts} == {"train", "valid"}
+
+
+@pytest.mark.parametrize(
+    "exc", [CancelFitException, CancelEpochException, CancelTrainException]
+)
+def test_bars_closed_after_cancel(tqdm_bars, exc):
+    """A fit cancelled in a batch leaves no open bars behind."""
+
+    class Stop(Callback):
+        def after_loss(self, learn, *args, **kwargs):
+            if learn.training and learn.iter == 1:
+                raise exc()
+
+    fit(FakeTTY(), epochs=2, cbs=[Stop()])
+    assert tqdm_bars and all(b.closed for b in tqdm_bars)
+
+
+@pytest.mark.parametrize(
+    "columns,row,expected",
+    [
+        (
+            ["epoch", "train_loss", "time"],
+            ["epoch", "valid_loss", "accuracy", "time"],
+            ["epoch", "train_loss", "valid_loss", "accuracy", "time"],
+        ),
+        (["epoch"], ["epoch", "train_loss", "time"], ["epoch", "train_loss", "time"]),
+        (
+            ["epoch", "valid_loss", "time"],
+            ["epoch", "train_loss", "time"],
+            ["epoch", "valid_loss", "train_loss", "time"],
+        ),
+        ([], ["epoch", "time"], ["epoch", "time"]),
+    ],
+)
+def test_merge_columns(columns, row, expected):
+    """New columns go before the next column the row shares with the table (time stays last)."""
+    assert merge_columns(columns, dict.fromkeys(row)) == expected

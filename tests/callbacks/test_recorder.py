@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import make_dls
+import torch
+from helpers import count_host_reads, make_data, make_dls
 from torch import nn
 
-from learnloop import Callback, Learner, Recorder
+from learnloop import Callback, DataLoaders, GradClipCB, Learner, Recorder
 from learnloop.callbacks.recorder import smooth
 
 
@@ -75,3 +76,44 @@ def test_recorder_property_missing():
     learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
     with pytest.raises(AttributeError, match=r"cbs=\[Recorder\(\)\]"):
         _ = learn.recorder
+
+
+def test_long_run_values_as_per_batch():
+    """Over several chunks and epochs, lrs and losses equal the per-batch values, as lists of floats."""
+    seen_losses, seen_lrs = [], []
+
+    class Keep(Callback):
+        def after_loss(self, learn, loss, **kwargs):
+            if learn.training:
+                seen_losses.append(torch.tensor(loss.item()).float().item())
+                seen_lrs.append(learn.opt.param_groups[0]["lr"])
+
+        def after_step(self, learn, *args, **kwargs):
+            for g in learn.opt.param_groups:
+                g["lr"] *= 0.999  # every rate differs
+
+    x, y = make_data(8).tensors
+    dls = DataLoaders([(x, y)] * 700, None)
+    learn = Learner(nn.Linear(4, 3), dls, lr=0.05, cbs=[Keep()])
+    learn.fit(2)
+    rec = learn.recorder
+    assert type(rec.lrs) is list and type(rec.losses) is list
+    assert all(type(v) is float for v in rec.lrs + rec.losses)
+    assert rec.losses == seen_losses  # float32 values, exactly
+    assert rec.lrs == seen_lrs
+
+
+def test_no_host_read_per_batch(monkeypatch):
+    """Recording reads nothing back from the device per batch: a few reads an epoch, not one a batch."""
+    x, y = make_data(8).tensors
+    dls = DataLoaders([(x, y)] * 300, None)
+    names = ("item", "__float__", "tolist", "cpu", "numpy")
+    reads = count_host_reads(monkeypatch, names)
+    Learner(nn.Linear(4, 3), dls, default_cbs=False).fit(2)
+    without = len(reads)
+    reads.clear()
+    Learner(
+        nn.Linear(4, 3), dls, cbs=[Recorder(), GradClipCB(1.0)], default_cbs=False
+    ).fit(2)
+    # Two logs moved to the host once an epoch (cpu, numpy): 8; a read per batch would be 600.
+    assert len(reads) - without <= 8

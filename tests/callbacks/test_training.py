@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import count_host_reads, make_dls
+from helpers import count_host_reads, make_data, make_dls
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -281,6 +281,27 @@ class TestGradClipCB:
         assert clip.norms == pytest.approx(before, rel=1e-5)
         assert max(before) > 0.05
         assert all(n <= 0.05 * (1 + 1e-4) for n in after)
+
+    def test_long_run_norms_as_per_step(self):
+        """Over several chunks and epochs, .norms equals the per-step norms, as a list of floats."""
+        before = []
+
+        class Measure(Callback):
+            order = GradClipCB.order - 1
+
+            def after_backward(self, learn, *args, **kwargs):
+                norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in learn.model.parameters()])
+                )
+                before.append(norm.float().item())
+
+        x, y = make_data(8).tensors
+        clip = GradClipCB(0.5)
+        dls = DataLoaders([(x, y)] * 700, None)
+        Learner(nn.Linear(4, 3), dls, cbs=[clip, Measure()]).fit(2)
+        norms = clip.norms
+        assert type(norms) is list and all(type(n) is float for n in norms)
+        assert norms == pytest.approx(before, rel=1e-6)
 
     def test_norms_are_kept_as_tensors(self, monkeypatch):
         """No float conversion per batch: the norms stay tensors until read."""

@@ -1,8 +1,8 @@
 """`MetricsCB` and `Accuracy`: the loss and metrics of each epoch, without a per-batch host sync.
 
 Any object with `update(preds, targets)`, `compute()` and `reset()` is a metric, so torchmetrics
-and torcheval metrics work as they are. Batch results stay on the device as tensors; they are
-turned into Python numbers once, at the end of a phase.
+and torcheval metrics work as they are. Batch results stay on the device as tensors, summed
+there in chunks; they are turned into Python numbers once, at the end of a phase.
 
 Under torch.distributed the loss is summed with its sample count over processes, and a metric
 that keeps sums (as `Accuracy` does) says so with `all_reduce(sum_fn)`, called before `compute()`;
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..dist import is_distributed, sum_across_processes
-from ..tensors import to_plain
+from ..tensors import stack_scalars, to_plain
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["Accuracy", "MetricsCB"]
 
 log = logging.getLogger(__name__)
+
+# Batch losses are folded into one device-side sum every this many batches.
+_CHUNK = 512
 
 
 class Accuracy:
@@ -90,6 +93,18 @@ class MetricsCB(Callback):
     appended to `.history` and set as `learn.epoch_log`, where later callbacks (progress,
     loggers, early stopping) read it.
 
+    A row holds what ran, and nothing else. A batch counts once its loss reaches `after_loss`.
+    `train_loss` is there if a training batch counted: a phase cancelled part way reports the
+    mean over the batches that ran; one that ran no batch (or did not run) has no key, never nan
+    and never another phase's or epoch's value. Likewise `valid_loss` and the metrics, for
+    validation; `time` is there if either phase has a value. So an epoch cancelled before any
+    batch ran (CancelEpochException in `before_epoch`, say) has the row `{'epoch': e}`. An epoch
+    cut short by CancelFitException has no row (its `after_epoch` never fires), and
+    `learn.epoch_log` is left at the last row.
+
+    The batch losses are summed on the device in chunks of 512, so a long epoch keeps no tensor
+    per batch, and nothing is read to the host before the phase ends.
+
     Example:
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
     """
@@ -116,44 +131,70 @@ class MetricsCB(Callback):
         self.metrics: dict[str, Any] = {_metric_name(m): m for m in metrics}
         self.metrics.update(named_metrics)
         self.history: list[dict[str, Any]] = []
+        # The open phase ('train' or 'valid'), the epoch whose row is being built, and whether
+        # that row has a phase's values yet.
+        self._phase: str | None = None
+        self._epoch: int | None = None
+        self._ran = False
+        self._start = 0.0
+        self._clear()
+
+    def _clear(self) -> None:
+        # This chunk's batch losses (detached) and batch sizes; then, for each earlier chunk,
+        # the sum of loss * batch size, and the batch sizes summed over those chunks.
+        self._losses: list[Tensor] = []
+        self._counts: list[int] = []
+        self._sums: list[Tensor] = []
+        self._rows = 0
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.history = []
+        self._phase, self._epoch, self._ran = None, None, False
+        self._clear()
 
     def before_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         self._start = time.perf_counter()
+        self._phase, self._epoch, self._ran = None, epoch, False
         learn.epoch_log = {"epoch": epoch}
 
     def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._reset()
+        self._phase = "train"
+        self._clear()
 
     def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._reset()
+        self._phase = "valid"
+        self._clear()
         for m in self.metrics.values():
             m.reset()
-
-    def _reset(self) -> None:
-        self._losses: list[Tensor] = []
-        self._counts: list[int] = []
 
     def after_loss(self, learn: Learner, loss: Tensor, **kwargs: Any) -> None:
         self._losses.append(loss.detach())
         self._counts.append(_batch_size(learn.yb, learn.xb))
+        if len(self._losses) >= _CHUNK:
+            self._stack()
         if not learn.training:
             for m in self.metrics.values():
                 m.update(learn.preds.detach(), learn.yb)
 
-    def _mean_loss(self) -> float:
-        total, count = torch.zeros(()), torch.zeros(())
-        if self._losses:
-            losses = torch.stack([x.float().reshape(()) for x in self._losses])
-            counts = torch.tensor(
-                self._counts, dtype=losses.dtype, device=losses.device
-            )
-            total, count = (losses * counts).sum(), counts.sum()
-        # Sums and counts over every process (each rank calls this, even with an empty shard).
-        total, count = sum_across_processes(total), sum_across_processes(count)
-        return float(total / count)  # 0/0 is nan: no batches
+    def _stack(self) -> None:
+        """Fold this chunk's losses into one weighted sum, on their device (no host sync)."""
+        if not self._losses:
+            return
+        losses = stack_scalars(self._losses)
+        counts = torch.tensor(self._counts, dtype=losses.dtype)
+        self._sums.append((losses * counts.to(losses.device, non_blocking=True)).sum())
+        self._rows += sum(self._counts)
+        self._losses, self._counts = [], []
+        if len(self._sums) >= _CHUNK:
+            self._sums = [torch.stack(self._sums).sum()]
+
+    def _mean_loss(self) -> float | None:
+        """The open phase's loss per row, over every process; None if no process saw a batch."""
+        self._stack()
+        total = torch.stack(self._sums).sum() if self._sums else torch.zeros(())
+        # Every rank calls this, even with an empty shard, so the all-reduces match.
+        total, rows = sum_across_processes(total), int(sum_across_processes(self._rows))
+        return float(total) / rows if rows else None
 
     def _sync_metrics(self) -> None:
         if not is_distributed():
@@ -168,18 +209,50 @@ class MetricsCB(Callback):
                     name,
                 )
 
+    def _close(self, learn: Learner) -> None:
+        """Write the open phase's loss (and, for validation, the metrics) into the row, if it saw a batch."""
+        phase, self._phase = self._phase, None
+        mean = self._mean_loss()
+        self._clear()
+        if mean is None:
+            return
+        row = learn.epoch_log
+        if phase == "train":
+            row["train_loss"] = mean
+        else:
+            row["valid_loss"] = mean
+            self._sync_metrics()
+            for name, m in self.metrics.items():
+                row[name] = to_plain(m.compute())
+        self._ran = True
+
     def after_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        learn.epoch_log["train_loss"] = self._mean_loss()
+        if self._phase == "train":
+            self._close(learn)
 
     def after_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        learn.epoch_log["valid_loss"] = self._mean_loss()
-        self._sync_metrics()
-        for name, m in self.metrics.items():
-            learn.epoch_log[name] = to_plain(m.compute())
+        # Not open when another callback cancelled before_validate before this one saw it.
+        if self._phase == "valid":
+            self._close(learn)
 
-    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        learn.epoch_log["time"] = time.perf_counter() - self._start
+    def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
+        # Another callback cancelled before_epoch before this one saw it: the row is bare.
+        if self._epoch != epoch:
+            learn.epoch_log = {"epoch": epoch}
+        # A phase cut short by CancelEpochException (no after_train): what ran counts.
+        if self._phase is not None:
+            self._close(learn)
+        if self._ran:
+            learn.epoch_log["time"] = time.perf_counter() - self._start
         self.history.append(dict(learn.epoch_log))
+        self._epoch, self._ran = None, False
+
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        # An epoch cut short by CancelFitException (or an error) has no row.
+        if self._epoch is not None:
+            learn.epoch_log = dict(self.history[-1]) if self.history else {}
+        self._phase, self._epoch, self._ran = None, None, False
+        self._clear()
 
     def __repr__(self) -> str:
         return f"MetricsCB({', '.join(self.metrics)})"

@@ -46,13 +46,30 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
-def format_row(row: dict[str, Any], widths: list[int]) -> str:
-    """Right-align each value of `row` in its column of `widths`."""
-    return "  ".join(_fmt(k, v).rjust(w) for (k, v), w in zip(row.items(), widths))
+def format_row(row: dict[str, Any], columns: list[str], widths: list[int]) -> str:
+    """Right-align each value of `row` in its column (`columns`, `widths`); a missing value is blank."""
+    return "  ".join(
+        (_fmt(k, row[k]) if k in row else "").rjust(w) for k, w in zip(columns, widths)
+    ).rstrip()
+
+
+def merge_columns(columns: list[str], row: dict[str, Any]) -> list[str]:
+    """`columns` with the keys of `row` they lack, each before the next key of `row` they have."""
+    out, keys = list(columns), list(row)
+    for i, key in enumerate(keys):
+        if key not in out:
+            after = [k for k in keys[i + 1 :] if k in out]
+            out.insert(out.index(after[0]) if after else len(out), key)
+    return out
 
 
 class ProgressCB(Callback):
     """Progress bars and a per-epoch table of `learn.epoch_log`.
+
+    The table has a line for each epoch that has a row, with a blank cell for a value the row
+    lacks (a cancelled phase's, see MetricsCB); a row bringing new columns (validation cancelled
+    in the first epoch, say) prints the header again. Each phase starts the batch bar afresh,
+    with its own label and no loss; the bars are closed when the fit ends, however it ends.
 
     Args:
         plot: in a notebook, redraw the loss plot live (needs a Recorder).
@@ -81,7 +98,8 @@ class ProgressCB(Callback):
         self.plot, self.file, self.bar, self.mininterval = plot, file, bar, mininterval
         self._epoch_bar: Any = None
         self._batch_bar: Any = None
-        self._widths: list[int] | None = None
+        self._columns: list[str] = []
+        self._widths: list[int] = []
         self._plot_handle: Any = None
         self._bars: bool | None = None
         self._in_fit = False
@@ -114,7 +132,7 @@ class ProgressCB(Callback):
     def before_fit(self, learn: Learner, n_epochs: int, **kwargs: Any) -> None:
         self._setup()
         self._in_fit = True
-        self._widths = None
+        self._columns, self._widths = [], []
         self._plot_handle = None
         if self.plot and not self._notebook:
             log.info(
@@ -138,8 +156,10 @@ class ProgressCB(Callback):
         self._last = time.monotonic()
         self._pending = 0
         if self._batch_bar is not None:  # one batch bar per fit, reset for each phase
-            self._batch_bar.reset(total=learn.n_iter)
+            # Label and loss first: reset() redraws, and must not show the last phase's.
             self._batch_bar.set_description_str(desc, refresh=False)
+            self._batch_bar.set_postfix_str("", refresh=False)
+            self._batch_bar.reset(total=learn.n_iter)
             return
         self._batch_bar = self._tqdm()(
             total=learn.n_iter,
@@ -190,13 +210,17 @@ class ProgressCB(Callback):
         if not self._in_fit:  # validate()/get_preds(): nothing else will close it
             self._close_batch_bar()
 
-    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+    def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         row = dict(learn.epoch_log)
-        if row:
-            if self._widths is None:
-                self._widths = [max(len(k), 9) for k in row]
-                self._write("  ".join(k.rjust(w) for k, w in zip(row, self._widths)))
-            self._write(format_row(row, self._widths))
+        # A row left from another epoch (nobody built this one) is not shown twice.
+        if row and row.get("epoch", epoch) == epoch:
+            if set(row) - set(self._columns):
+                self._columns = merge_columns(self._columns, row)
+                self._widths = [max(len(k), 9) for k in self._columns]
+                self._write(
+                    "  ".join(k.rjust(w) for k, w in zip(self._columns, self._widths))
+                )
+            self._write(format_row(row, self._columns, self._widths))
         if self._epoch_bar is not None:
             self._epoch_bar.update(1)
         if self.plot and self._notebook:
