@@ -19,6 +19,7 @@ FLOORS: dict[str, int] = {
     "learnloop.errors": 0,
     "learnloop.dist": 0,
     "learnloop.state": 0,
+    "learnloop.signals": 0,
     "learnloop.tensors": 0,
     "learnloop.types": 0,
     "learnloop.models": 0,
