@@ -20,6 +20,7 @@ FLOORS: dict[str, int] = {
     "learnloop.dist": 0,
     "learnloop.state": 0,
     "learnloop.signals": 0,
+    "learnloop.atomic": 0,
     "learnloop.tensors": 0,
     "learnloop.types": 0,
     "learnloop.models": 0,

@@ -7,8 +7,9 @@ runs. It holds the model and optimizer states, the state of every attached callb
 epoch counters and the random number generators, which make a resumed fit reproduce the
 uninterrupted one bit for bit (see `learnloop.state`).
 
-Writes go to a temporary file in the target's folder, which is flushed, fsynced and renamed over
-the target, so a crash mid-write leaves the previous file intact. Loading checks the whole file
+Writes go through `atomic.atomic_save`: a temporary file in the target's folder, flushed, fsynced
+and renamed over the target, so a crash, a full disk or a Ctrl-C mid-write leaves the previous
+file intact. Loading checks the whole file
 against the learner before it changes anything. Under torchrun every rank holds the same state,
 so `save_checkpoint` writes on rank 0 only, and every rank loads.
 
@@ -21,8 +22,6 @@ in `before_fit` (a scheduler, say) keeps the loaded state and applies it there; 
 from __future__ import annotations
 
 import copy
-import os
-import uuid
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .atomic import atomic_save
 from .dist import is_main_process
 from .state import capture, restore, unwrap_model
 from .types import PathLike
@@ -48,35 +48,6 @@ __all__ = [
 
 FORMAT = "learnloop.checkpoint"
 VERSION = 1
-
-
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """`torch.save(obj)` to `path` so that a crash at any point leaves the old `path` untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself survive a power cut
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Windows cannot open a folder; its rename is already durable enough.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_path(path: PathLike) -> Path:
