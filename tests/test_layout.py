@@ -19,6 +19,7 @@ FLOORS: dict[str, int] = {
     "learnloop.errors": 0,
     "learnloop.dist": 0,
     "learnloop.state": 0,
+    "learnloop.rng": 0,
     "learnloop.signals": 0,
     "learnloop.atomic": 0,
     "learnloop.tensors": 0,
@@ -26,6 +27,7 @@ FLOORS: dict[str, int] = {
     "learnloop.models": 0,
     "learnloop.callbacks.core": 1,
     "learnloop.dispatch": 1,
+    "learnloop.checkpoint_checks": 1,
     "learnloop.checkpoint": 1,
     "learnloop.callbacks": 2,  # the package and every other callback module
     "learnloop.learner": 3,
