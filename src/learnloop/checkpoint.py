@@ -10,6 +10,10 @@ state, so `save_checkpoint` writes on rank 0 only, and every rank loads.
 
 What is guaranteed:
 
+- Every checkpoint written can be read back: before anything is written, numpy values in it
+  become Python numbers and tensors, and anything else `weights_only` loading would refuse (a
+  deque, a Path, an object) raises TypeError naming the callback, model entry or optimizer, the
+  key and the type (`checkpoint_checks.weights_only_safe`).
 - Writing is atomic (`atomic.atomic_save`): the file is the old one or the new one, whole, after
   a crash, an error, a full disk (an OSError that says so) or a Ctrl-C (a KeyboardInterrupt);
   temporary files of killed writers are cleaned up by the next write.
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .atomic import atomic_save
-from .checkpoint_checks import check_model, check_optimizer
+from .checkpoint_checks import check_model, check_optimizer, weights_only_safe
 from .dist import is_main_process
 from .state import capture, check_state, restore, unwrap_model
 from .types import PathLike
@@ -74,17 +78,28 @@ def checkpoint_path(path: PathLike) -> Path:
 
 
 def checkpoint_state(learn: Learner, epochs_done: int | None = None) -> dict[str, Any]:
-    """The checkpoint of `learn` as a dict; `epochs_done` defaults to `learn.epochs_done`."""
+    """The checkpoint of `learn` as a dict; `epochs_done` defaults to `learn.epochs_done`.
+
+    Raises TypeError for a value that `torch.load(weights_only=True)` could not load back (numpy
+    values are converted), ValueError for counters or RNG states that loading would refuse.
+    """
     state = capture(learn)
     if epochs_done is not None:
         state["epochs_done"] = epochs_done
     # TorchVersion is not a weights_only type.
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "torch_version": str(torch.__version__),
-        **state,
-    }
+    ck = weights_only_safe(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "torch_version": str(torch.__version__),
+            **state,
+        }
+    )
+    try:
+        check_state(ck, learn.dls.train)
+    except ValueError as e:
+        raise ValueError(f"Cannot save the checkpoint: {e}") from e
+    return ck
 
 
 def save_checkpoint(
