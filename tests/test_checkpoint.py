@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +43,13 @@ class StepSchedCB(Callback):
 
     def load_state_dict(self, state):
         self._pending = state
+
+
+class Touch:
+    """Unpickling it would create the file `touched` (if pickled code ran)."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("touched"),))
 
 
 def make_learner(seed: int, generator: bool, cbs=()) -> Learner:
@@ -220,14 +228,33 @@ class TestSafeLoading:
             learn.load(tmp_path / "w.pt")
         self._unchanged(learn, w, buf)
 
-    def test_pickled_objects_are_not_executed(self, tmp_path):
-        """A file with arbitrary pickled objects is refused by weights_only loading."""
+    @pytest.mark.parametrize(
+        ("obj", "named"),
+        [
+            (Path("x"), r"pathlib\.\w*Path"),
+            (partial(print, "hi"), r"functools\.partial"),
+            (Touch(), r"getattr"),  # how Path.touch is pickled
+        ],
+        ids=["Path", "partial", "reduce-to-code"],
+    )
+    def test_pickled_objects_are_refused_unrun(self, tmp_path, monkeypatch, obj, named):
+        """A file with pickled objects: 'could run code', nothing run, no advice to use weights_only=False."""
+        monkeypatch.chdir(tmp_path)
         learn, w, buf = self._learner_and_state()
-        torch.save(
-            {"format": "learnloop.checkpoint", "evil": Path("x")}, tmp_path / "p.pt"
-        )
-        with pytest.raises(ValueError, match="weights_only"):
+        torch.save({"format": "learnloop.checkpoint", "evil": obj}, tmp_path / "p.pt")
+        with pytest.raises(
+            ValueError,
+            match=rf"p\.pt holds pickled objects that could run code \({named}.*\); "
+            "learnloop will not load it",
+        ) as info:
             learn.load(tmp_path / "p.pt")
+        shown = []
+        e: BaseException | None = info.value
+        while e is not None:  # the chain a traceback shows
+            shown.append(str(e))
+            e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+        assert not any("weights_only=False" in m or "corrupt" in m for m in shown)
+        assert not (tmp_path / "touched").exists()
         self._unchanged(learn, w, buf)
 
     def test_other_model_is_refused(self, tmp_path):
@@ -303,3 +330,146 @@ def test_other_optimizer_is_refused_and_nothing_changes(tmp_path):
         adam.load(tmp_path / "sgd.pt")
     assert all(torch.equal(v, adam.model.state_dict()[k]) for k, v in before.items())
     assert adam.opt.state_dict()["param_groups"] == opt_before["param_groups"]
+
+
+class Tally(Callback):
+    """A stateful callback that counts batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def after_batch(self, learn, *args, **kwargs):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def put(*keys_and_value):
+    """A corruption that sets ck[k1][k2]... to the value (or to value(old) if it is callable)."""
+    *keys, value = keys_and_value
+
+    def corrupt(ck):
+        for key in keys[:-1]:
+            ck = ck[key]
+        ck[keys[-1]] = value(ck[keys[-1]]) if callable(value) else value
+
+    return corrupt
+
+
+def drop(*keys):
+    """A corruption that deletes ck[k1][k2]..."""
+
+    def corrupt(ck):
+        for key in keys[:-1]:
+            ck = ck[key]
+        del ck[keys[-1]]
+
+    return corrupt
+
+
+def uint8(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.uint8)
+
+
+BAD_OPTIMIZER = r"'optimizer' section is not an optimizer state_dict"
+CORRUPTIONS = {
+    "rng-torch-size": (
+        put("rng", "torch", uint8(10)),
+        r"rng\['torch'\] does not apply",
+    ),
+    "rng-torch-dtype": (put("rng", "torch", lambda t: t.long()), r"rng\['torch'\]"),
+    "rng-python-length": (
+        put("rng", "python", "state", lambda t: t[:10]),
+        r"rng\['python'\] does not apply",
+    ),
+    "rng-python-version": (put("rng", "python", "version", 99), r"rng\['python'\]"),
+    "rng-numpy-keys": (put("rng", "numpy", "keys", lambda t: t[:5]), r"rng\['numpy'\]"),
+    "rng-numpy-pos": (put("rng", "numpy", "pos", 10_000), r"rng\['numpy'\]"),
+    "rng-numpy-no-kind": (drop("rng", "numpy", "kind"), r"rng\['numpy'\].*KeyError"),
+    "rng-no-torch": (drop("rng", "torch"), r"'rng' does not apply"),
+    "rng-loader": (put("rng", "loaders", [uint8(3)]), r"rng\['loaders'\]"),
+    "epochs_done-str": (
+        put("epochs_done", "two"),
+        r"'epochs_done' is 'two' \(str\), expected an int >= 0",
+    ),
+    "epoch-negative": (put("epoch", -1), r"'epoch' is -1 \(int\)"),
+    "iter-float": (put("iter", 2.5), r"'iter' is 2\.5"),
+    "lr-nan": (put("lr", float("nan")), r"'lr' is nan .*expected a finite number > 0"),
+    "lr-zero": (put("lr", 0.0), r"'lr' is 0\.0"),
+    "callbacks-list": (put("callbacks", [1]), r"'callbacks' is a list"),
+    "callbacks-int-keys": (
+        put("callbacks", {1: {}}),
+        r"'callbacks' is a dict with keys \[1\]",
+    ),
+    "model-list": (put("model", [1]), r"'model' section is not a state dict"),
+    "model-entry-str": (
+        put("model", "0.weight", "abc"),
+        r"not a tensor: \['0\.weight: file str'\]",
+    ),
+    "optimizer-list": (put("optimizer", [1]), BAD_OPTIMIZER),
+    "optimizer-no-params": (
+        drop("optimizer", "param_groups", 0, "params"),
+        BAD_OPTIMIZER,
+    ),
+    "optimizer-no-state": (drop("optimizer", "state"), BAD_OPTIMIZER),
+}
+
+
+class TestAllOrNothing:
+    def snapshot(self, learn: Learner) -> dict:
+        """Everything a load could change: weights, optimizer, counters, callbacks, every RNG."""
+        opt = learn.opt.state_dict()
+        return {
+            "weights": weights(learn),
+            "opt_state": copy.deepcopy(opt["state"]),
+            "opt_groups": copy.deepcopy(opt["param_groups"]),
+            "counters": [
+                learn.epochs_done,
+                learn.epoch,
+                learn.iter,
+                learn.n_epochs,
+                learn.lr,
+            ],
+            "callbacks": [
+                (type(cb).__name__, cb.n if isinstance(cb, Tally) else cb._pending)
+                for cb in learn.cbs
+                if isinstance(cb, (Tally, StepSchedCB))
+            ],
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state()[1].copy(),
+            "loader_rng": learn.dls.train.generator.get_state(),
+        }
+
+    def same(self, a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, np.ndarray):
+            return np.array_equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(self.same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(map(self.same, a, b))
+        return a == b
+
+    @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+    def test_damaged_section_is_named_and_nothing_changes(self, tmp_path, corruption):
+        """A checkpoint with one damaged section: ValueError naming file and section; the learner is untouched."""
+        corrupt, message = CORRUPTIONS[corruption]
+        learn = make_learner(0, True, cbs=[Tally()])
+        learn.fit(1)
+        path = tmp_path / "c.pt"
+        learn.save(path)
+        ck = torch.load(path, weights_only=True)
+        corrupt(ck)
+        torch.save(ck, path)
+        learn.fit(1)  # so that the file's state differs from the learner's
+        before = self.snapshot(learn)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*{message}"):
+            learn.load(path)
+        after = self.snapshot(learn)
+        assert [k for k in before if not self.same(before[k], after[k])] == []

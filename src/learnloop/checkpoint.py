@@ -5,12 +5,23 @@ and plain Python values, so it loads with `torch.load(weights_only=True)` and no
 runs. It holds the model and optimizer states, the state of every attached callback that has
 `state_dict()` and `load_state_dict(state)` (schedulers, grad scalers, early stopping, ...), the
 epoch counters and the random number generators, which make a resumed fit reproduce the
-uninterrupted one bit for bit (see `learnloop.state`).
+uninterrupted one bit for bit (see `learnloop.state`). Under torchrun every rank holds the same
+state, so `save_checkpoint` writes on rank 0 only, and every rank loads.
 
-Writes go to a temporary file in the target's folder, which is flushed, fsynced and renamed over
-the target, so a crash mid-write leaves the previous file intact. Loading checks the whole file
-against the learner before it changes anything. Under torchrun every rank holds the same state,
-so `save_checkpoint` writes on rank 0 only, and every rank loads.
+What is guaranteed:
+
+- Every checkpoint written can be read back: before anything is written, numpy values in it
+  become Python numbers and tensors, and anything else `weights_only` loading would refuse (a
+  deque, a Path, an object) raises TypeError naming the callback, model entry or optimizer, the
+  key and the type (`checkpoint_checks.weights_only_safe`).
+- Writing is atomic (`atomic.atomic_save`): the file is the old one or the new one, whole, after
+  a crash, an error, a full disk (an OSError that says so) or a Ctrl-C (a KeyboardInterrupt);
+  temporary files of killed writers are cleaned up by the next write.
+- Loading is all or nothing: every section is checked against the learner first (model keys and
+  shapes, a trial load of the optimizer state, the counters, every RNG state applied to a fresh
+  generator, the callbacks section), and a callback that refuses its state gets the others' old
+  states back. Any failure is a ValueError naming the file and the section, and the learner is
+  as it was. A file holding pickled objects is refused without running any of it.
 
 The callback protocol: `state_dict()` returns tensors and plain values; `load_state_dict(state)` is
 called by `load_checkpoint`, before `before_fit` of a resumed fit. A callback that builds its object
@@ -20,18 +31,17 @@ in `before_fit` (a scheduler, say) keeps the loaded state and applies it there; 
 
 from __future__ import annotations
 
-import copy
-import os
-import uuid
+import re
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
+from .atomic import atomic_save
+from .checkpoint_checks import check_model, check_optimizer, weights_only_safe
 from .dist import is_main_process
-from .state import capture, restore, unwrap_model
+from .state import capture, check_state, restore, unwrap_model
 from .types import PathLike
 
 if TYPE_CHECKING:
@@ -48,35 +58,6 @@ __all__ = [
 
 FORMAT = "learnloop.checkpoint"
 VERSION = 1
-
-
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """`torch.save(obj)` to `path` so that a crash at any point leaves the old `path` untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself survive a power cut
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Windows cannot open a folder; its rename is already durable enough.
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_path(path: PathLike) -> Path:
@@ -97,17 +78,28 @@ def checkpoint_path(path: PathLike) -> Path:
 
 
 def checkpoint_state(learn: Learner, epochs_done: int | None = None) -> dict[str, Any]:
-    """The checkpoint of `learn` as a dict; `epochs_done` defaults to `learn.epochs_done`."""
+    """The checkpoint of `learn` as a dict; `epochs_done` defaults to `learn.epochs_done`.
+
+    Raises TypeError for a value that `torch.load(weights_only=True)` could not load back (numpy
+    values are converted), ValueError for counters or RNG states that loading would refuse.
+    """
     state = capture(learn)
     if epochs_done is not None:
         state["epochs_done"] = epochs_done
     # TorchVersion is not a weights_only type.
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "torch_version": str(torch.__version__),
-        **state,
-    }
+    ck = weights_only_safe(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "torch_version": str(torch.__version__),
+            **state,
+        }
+    )
+    try:
+        check_state(ck, learn.dls.train)
+    except ValueError as e:
+        raise ValueError(f"Cannot save the checkpoint: {e}") from e
+    return ck
 
 
 def save_checkpoint(
@@ -131,15 +123,18 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as e:
-        if "Unsupported global" in str(e) or "not an allowed global" in str(e):
+        # `from None`: torch's message advises weights_only=False, which would run the objects.
+        what = _pickled_objects(str(e))
+        if what is not None:
             raise ValueError(
-                f"{path} holds pickled Python objects that weights_only loading refuses to run "
-                f"({_first_line(e)}). learnloop checkpoints hold only tensors and plain values; load "
-                "this file with torch.load(weights_only=False) only if you trust where it came from."
-            ) from e
+                f"{path} holds pickled objects that could run code ({what}); learnloop will not "
+                "load it. learnloop checkpoints hold only tensors, numbers, strings and lists, "
+                "tuples and dicts of them: this file was not written by learn.save or "
+                "CheckpointCB, or was changed since."
+            ) from None
         raise ValueError(
             f"{path} is corrupt or not a torch file ({_first_line(e)}); use an older checkpoint."
-        ) from e
+        ) from None
     except Exception as e:
         raise ValueError(
             f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use an older checkpoint."
@@ -171,68 +166,34 @@ def read_checkpoint(path: PathLike) -> dict[str, Any]:
     return ck
 
 
+# What torch's weights_only unpickler says when a file holds objects other than plain values.
+_OBJECT_REFUSALS = (
+    r"GLOBAL (\S+) was not an allowed global",
+    r"unsupported GLOBAL (\S+) whose module",
+    r"Trying to call reduce for unrecognized function (.+?)(?: which belongs|$)",
+    r"Can only (?:create new object|build) .* got (.+)$",
+    r"(\S+) must be imported to load",
+)
+
+
+def _pickled_objects(message: str) -> str | None:
+    """The object a weights_only refusal names (`functools.partial`, ...); None for other errors."""
+    for pattern in _OBJECT_REFUSALS:
+        found = re.search(pattern, message, re.MULTILINE)
+        if found:
+            return found[1].strip("<>")
+    return None
+
+
 def _first_line(e: BaseException) -> str:
+    """The line of `e` that tells what is wrong, without torch's advice about weights_only."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    telling = [line for line in lines if "Unsupported global" in line]
-    return (telling or lines or [type(e).__name__])[0][:200]
-
-
-def _check_model(path: Path, model: nn.Module, saved: dict[str, Any]) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in saved]
-    extra = [k for k in saved if k not in own]
-    shapes = [
-        f"{k}: file {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in saved and hasattr(saved[k], "shape") and saved[k].shape != own[k].shape
+    telling = [
+        line
+        for line in lines
+        if "weights_only" not in line.lower() and "Weights only" not in line
     ]
-    if missing or extra or shapes:
-        parts = [
-            f"{name} {items[:5]}"
-            for name, items in (
-                ("missing from the file:", missing),
-                ("unexpected in the file:", extra),
-                ("shape mismatch:", shapes),
-            )
-            if items
-        ]
-        raise ValueError(
-            f"{path} does not fit {type(model).__name__}: {'; '.join(parts)}. "
-            "Build the same model as the one that was saved."
-        )
-
-
-def _check_optimizer(
-    path: Path, opt: torch.optim.Optimizer, saved: dict[str, Any]
-) -> None:
-    own = [len(g["params"]) for g in opt.param_groups]
-    theirs = [len(g["params"]) for g in saved.get("param_groups", [])]
-    if own != theirs:
-        raise ValueError(
-            f"{path}'s optimizer has parameter groups of sizes {theirs}, this optimizer {own}: "
-            "use the same opt_func and parameter groups as the saved fit."
-        )
-    # Settings this optimizer needs that the file's groups lack: saved by another optimizer.
-    missing = set(opt.defaults) - set(saved["param_groups"][0]) if theirs else set()
-    if missing:
-        raise ValueError(
-            f"{path} was saved by another kind of optimizer: its parameter groups lack "
-            f"{sorted(missing)}, which {type(opt).__name__} needs. Use the same opt_func as "
-            "the saved fit."
-        )
-
-
-def _trial_optimizer(learn: Learner, path: Path, saved: dict[str, Any]) -> None:
-    """Load the saved state into a new optimizer (`learn.opt_func`): a ValueError if it does not fit."""
-    trial = learn.opt_func(learn.model.parameters(), lr=learn.lr)
-    _check_optimizer(path, learn.opt if learn.opt is not None else trial, saved)
-    try:
-        trial.load_state_dict(copy.deepcopy(saved))
-    except Exception as e:
-        raise ValueError(
-            f"{path}'s optimizer state does not load into {type(trial).__name__} "
-            f"({type(e).__name__}: {e}); use the same opt_func as the saved fit."
-        ) from e
+    return (telling or [type(e).__name__])[0][:200]
 
 
 def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
@@ -243,9 +204,15 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
     """
     file = checkpoint_path(path)
     ck = read_checkpoint(file)
-    _check_model(file, unwrap_model(learn.model), ck["model"])
+    try:
+        check_state(ck, learn.dls.train)
+    except ValueError as e:
+        raise ValueError(
+            f"{file} is damaged, nothing was loaded: {e} Use an older checkpoint."
+        ) from e.__cause__
+    check_model(file, unwrap_model(learn.model), ck["model"])
     if ck["optimizer"] is not None:
-        _trial_optimizer(learn, file, ck["optimizer"])
+        check_optimizer(learn, file, ck["optimizer"])
     try:
         restore(learn, ck)
     except ValueError as e:  # a callback refused its state: nothing was changed

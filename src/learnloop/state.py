@@ -5,20 +5,25 @@ values only (so a checkpoint of it loads with `torch.load(weights_only=True)`): 
 optimizer states, the state of every attached callback that has `state_dict()` and
 `load_state_dict(state)`, the counters, and the random number generators (python, numpy, torch,
 cuda, and the train loader's own generators, which fix its shuffling order).
-`restore(learn, state)` puts all of it back. Checking that a state fits the learner (a file from
-another model, say) is the caller's job: `checkpoint.load_checkpoint` does it before restoring.
+`restore(learn, state)` puts all of it back, or changes nothing: it first checks the counters (ints
+>= 0, a finite positive lr), the callbacks section (a dict keyed by str) and every RNG state (its
+structure and sizes, by applying it to a fresh generator of the same kind, the global ones
+untouched), with `check_state`; a callback that refuses its state gets the others' old states
+back. Checking that the model and optimizer states fit the learner (a file from another model,
+say) is the caller's job: `checkpoint.load_checkpoint` does it before restoring.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import random
+import math
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from .rng import check_rng_state, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from .callbacks.core import Callback
@@ -26,10 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "capture",
-    "loader_generators",
+    "check_state",
     "restore",
-    "rng_state",
-    "set_rng_state",
     "stateful_callbacks",
     "unwrap_model",
 ]
@@ -65,82 +68,6 @@ def stateful_callbacks(cbs: list[Callback]) -> dict[str, Callback]:
     return out
 
 
-def loader_generators(dl: Any) -> list[torch.Generator]:
-    """The torch Generators a loader draws from: its own, its sampler's, its batch sampler's (deduplicated)."""
-    found: list[torch.Generator] = []
-
-    def visit(obj: Any, depth: int) -> None:
-        if obj is None or depth > 3:
-            return
-        if isinstance(obj, torch.Generator):
-            if not any(obj is g for g in found):
-                found.append(obj)
-            return
-        for attr in ("generator", "sampler", "batch_sampler"):
-            visit(getattr(obj, attr, None), depth + 1)
-
-    visit(dl, 0)
-    return found
-
-
-# ---------------------------------------------------------------- random number generators
-def rng_state(train_dl: Any = None) -> dict[str, Any]:
-    """Every RNG a fit draws from, as tensors and plain values: python, numpy, torch, cuda, `train_dl`'s."""
-    version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    rng: dict[str, Any] = {
-        "python": {
-            "version": version,
-            "state": torch.tensor(state, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "loaders": [g.get_state() for g in loader_generators(train_dl)],
-    }
-    # Untested here: no GPU in CI.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return rng
-
-
-def set_rng_state(rng: dict[str, Any], train_dl: Any = None) -> None:
-    """Restore what `rng_state` captured; CUDA and loader states only where the devices and generators match."""
-    py = rng["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    if "numpy" in rng:
-        n = rng["numpy"]
-        keys = n["keys"].numpy().astype(np.uint32)
-        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():  # untested here: no GPU in CI
-        if len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        else:
-            log.warning(
-                "Saved CUDA RNG states for %d devices, this machine has %d: not restored.",
-                len(rng["cuda"]),
-                torch.cuda.device_count(),
-            )
-    gens = loader_generators(train_dl)
-    if len(gens) != len(rng["loaders"]):
-        log.warning(
-            "Saved %d train-loader generator(s), this train loader has %d: "
-            "shuffling order not restored.",
-            len(rng["loaders"]),
-            len(gens),
-        )
-        return
-    for g, state in zip(gens, rng["loaders"]):
-        g.set_state(state)
-
-
 # ---------------------------------------------------------------- the whole learner
 def capture(learn: Learner, clone: bool = False) -> dict[str, Any]:
     """The state of `learn`: model, optimizer, callbacks, counters (`COUNTERS`) and RNGs.
@@ -166,13 +93,60 @@ def capture(learn: Learner, clone: bool = False) -> dict[str, Any]:
     return copy.deepcopy(state) if clone else state
 
 
+def check_state(state: dict[str, Any], train_dl: Any = None) -> None:
+    """ValueError unless `restore` can apply the counters, callbacks and RNG states of `state` whole.
+
+    The message names the entry (`'epochs_done'`, `rng['python']`, ...) and what it should be.
+    """
+    for name in COUNTERS:
+        if name not in state:
+            continue
+        value = state[name]
+        if name == "lr":
+            ok = _positive_number(value)
+            expected = "a finite number > 0"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            expected = "an int >= 0"
+        if not ok:
+            raise ValueError(
+                f"{name!r} is {value!r} ({type(value).__name__}), expected {expected}."
+            )
+    cbs = state.get("callbacks", {})
+    keys = list(cbs) if isinstance(cbs, dict) else []
+    if not isinstance(cbs, dict) or not all(isinstance(k, str) for k in keys):
+        got = (
+            f"a dict with keys {keys[:5]}"
+            if isinstance(cbs, dict)
+            else f"a {type(cbs).__name__}"
+        )
+        raise ValueError(
+            f"'callbacks' is {got}, expected a dict of callback states keyed by class name."
+        )
+    check_rng_state(state.get("rng"), train_dl)
+
+
+def _positive_number(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_complex() or x.dtype == torch.bool:
+            return False
+        x = x.item()
+    return (
+        isinstance(x, (int, float))
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and x > 0
+    )
+
+
 def restore(learn: Learner, state: dict[str, Any]) -> None:
     """Put `learn` back into `state` (from `capture`, or a checked checkpoint); all or nothing.
 
-    Callback states load first, the one step that can fail on content the caller could not
-    check: if one raises, those already loaded get their old state back and a ValueError says
-    which. Everything after it only copies values.
+    `state` is checked first (`check_state`). Callback states load next, the one step that can
+    fail on content that cannot be checked beforehand: if one raises, those already loaded get
+    their old state back and a ValueError says which. Everything after it only copies values.
     """
+    check_state(state, learn.dls.train)
     _load_callbacks(stateful_callbacks(learn.cbs), state["callbacks"])
     # Keys were checked by the caller or come from this very model; lazy parameters that were
     # still uninitialized at capture are absent and keep their values.
