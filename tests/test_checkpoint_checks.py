@@ -201,3 +201,24 @@ class TestUnloadableIsRefused:
         ):
             learn.save(tmp_path / "c.pt")
         assert list(tmp_path.iterdir()) == []
+
+
+class TestCheckpointCBChecksFirst:
+    def test_unsaveable_state_fails_before_training(self, tmp_path):
+        """With a CheckpointCB attached, a state that cannot be saved fails at before_fit, before any batch."""
+        from learnloop import CheckpointCB
+
+        batches = []
+
+        class Count(Callback):
+            def before_batch(self, learn, *args, **kwargs):
+                batches.append(learn.iter)
+
+        learn = learner(
+            Stash(deque([1.0])), Count(), CheckpointCB(tmp_path, monitor=None)
+        )
+        with pytest.raises(TypeError, match=r"holds a collections\.deque") as info:
+            learn.fit(1)
+        assert batches == []
+        assert "CheckpointCB.before_fit" in "\n".join(info.value.__notes__)
+        assert list(tmp_path.iterdir()) == []

@@ -26,7 +26,7 @@ What is guaranteed:
 The callback protocol: `state_dict()` returns tensors and plain values; `load_state_dict(state)` is
 called by `load_checkpoint`, before `before_fit` of a resumed fit. A callback that builds its object
 in `before_fit` (a scheduler, say) keeps the loaded state and applies it there; at `before_fit`,
-`learn.epoch > 0` tells a resumed fit from a fresh one.
+`learn.resumed_from` (the checkpoint file, else None) tells a resumed fit from a fresh one.
 """
 
 from __future__ import annotations

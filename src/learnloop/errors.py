@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["add_note", "check_int", "check_lr", "check_not_empty", "describe"]
+__all__ = [
+    "add_note",
+    "check_int",
+    "check_loss",
+    "check_lr",
+    "check_not_empty",
+    "describe",
+    "warn_empty_loader",
+]
 
 
 def add_note(e: BaseException, note: str, once: bool = True) -> None:
@@ -73,3 +82,35 @@ def check_lr(value: object, name: str = "lr") -> float:
             "learn.lr_find() for a suggestion."
         )
     return float(value)
+
+
+def check_loss(loss: Any, loss_func: Any) -> None:
+    """Raise a TypeError unless `loss` (what `loss_func` returned) is a one-value tensor."""
+    if isinstance(loss, Tensor) and loss.numel() == 1:
+        return
+    got = (
+        f"a tensor of shape {tuple(loss.shape)}"
+        if isinstance(loss, Tensor)
+        else f"{type(loss).__name__} {loss!r}"[:80]
+    )
+    name = getattr(loss_func, "__qualname__", None) or type(loss_func).__name__
+    raise TypeError(
+        f"The loss must be a one-value tensor, but {name} returned {got}: return a torch "
+        "scalar computed from the predictions (a Python number carries no gradient; a "
+        "per-sample loss needs reduction='mean' or .mean())."
+    )
+
+
+def warn_empty_loader(training: bool, epoch: int) -> None:
+    """Warn that the training (`training`) or validation loader yielded no batch in `epoch`."""
+    if training:
+        name = "train"
+        hint = "an iterator or generator is used up after one pass: pass a DataLoader or another re-iterable"
+    else:
+        name = "valid"
+        hint = "check the validation set's length and batch_size with drop_last, or pass valid=False"
+    warnings.warn(
+        f"The {name} loader yielded no batches in epoch {epoch}, so that phase did nothing "
+        f"and its loss is absent from the row; {hint}.",
+        stacklevel=4,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "EVENTS",
     "EVENT_CONTEXT",
+    "EVENT_SCOPES",
     "CancelBackwardException",
     "CancelBatchException",
     "CancelEpochException",
@@ -86,3 +87,17 @@ EVENT_CONTEXT: dict[str, tuple[str, ...]] = {
 }
 
 EVENTS: tuple[str, ...] = tuple(EVENT_CONTEXT)
+
+
+def _events_of(level: str) -> tuple[str, ...]:
+    return (f"before_{level}", f"after_{level}", f"after_cancel_{level}")
+
+
+# The part of the run each event belongs to: "fit", "epoch", "phase" (a training or validation
+# pass) or "batch" (its pieces included), so an error note can say where it happened.
+EVENT_SCOPES: dict[str, str] = {
+    **dict.fromkeys(EVENTS, "batch"),
+    **dict.fromkeys(_events_of("train") + _events_of("validate"), "phase"),
+    **dict.fromkeys(_events_of("epoch"), "epoch"),
+    **dict.fromkeys(_events_of("fit"), "fit"),
+}

@@ -28,9 +28,17 @@ from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .dispatch import CallbackHost, displaced
 from .dist import barrier, world_size
-from .errors import add_note, check_int, check_lr, check_not_empty, describe
+from .errors import (
+    add_note,
+    check_int,
+    check_loss,
+    check_lr,
+    check_not_empty,
+    describe,
+    warn_empty_loader,
+)
 from .events import (
-    EVENTS,
+    EVENT_SCOPES,
     LEVELS,
     CancelBatchException,
     CancelException,
@@ -123,7 +131,9 @@ class Learner(CallbackHost):
         self.epoch_log = {}
         self.resumed_from = None
         self._check_loss = False  # set for each phase's first batch
-        self._warned_empty: set[str] = set()  # phases whose empty loader was reported
+        self._warned_empty: set[bool] = (
+            set()
+        )  # phases (training?) whose empty loader was reported
         user_cbs = list(cbs or [])
         for cb in user_cbs:
             check_callback(cb)
@@ -144,7 +154,7 @@ class Learner(CallbackHost):
     def _where(self, event: str | None = None) -> str:
         """Where the loop is when `event` fires (None: inside a batch), for error notes."""
         phase = "training" if self.training else "validation"
-        scope = _EVENT_SCOPES.get(event, "batch") if event is not None else "batch"
+        scope = "batch" if event is None else EVENT_SCOPES[event]
         if scope == "batch":
             return f"epoch {self.epoch}, {phase} batch {self.iter}"
         if scope == "phase":
@@ -349,7 +359,7 @@ class Learner(CallbackHost):
             self.model.train(was_training)
 
     def _all_batches(self, dl: Iterable[Any]) -> None:
-        self._check_loss = True  # the first batch's loss is checked (see _verify_loss)
+        self._check_loss = True  # the first batch's loss is checked
         i = -1
         try:
             for i, batch in enumerate(dl):
@@ -370,22 +380,9 @@ class Learner(CallbackHost):
 
     def _warn_empty(self) -> None:
         """Say once per fit that a phase's loader yielded no batch (its loss is then absent)."""
-        name = "train" if self.training else "valid"
-        if name in self._warned_empty:
-            return
-        self._warned_empty.add(name)
-        hint = (
-            "an iterator or generator is used up after one pass: pass a DataLoader or "
-            "another re-iterable"
-            if self.training
-            else "check the validation set's length and batch_size with drop_last, or "
-            "pass valid=False"
-        )
-        warnings.warn(
-            f"The {name} loader yielded no batches in epoch {self.epoch}, so that phase did "
-            f"nothing and its loss is absent from the row; {hint}.",
-            stacklevel=2,
-        )
+        if self.training not in self._warned_empty:
+            self._warned_empty.add(self.training)
+            warn_empty_loader(self.training, self.epoch)
 
     def _one_batch(self, i: int, batch: Any) -> None:
         # The batch level is written out, not run by _run_level: after_batch passes the loss,
@@ -403,8 +400,9 @@ class Learner(CallbackHost):
             fire("after_pred", preds=self.preds)
             piece = "get_loss"
             self.get_loss()
-            if self._check_loss:
-                self._verify_loss()
+            if self._check_loss:  # each phase's first batch
+                self._check_loss = False
+                check_loss(self.loss, self.loss_func)
             fire("after_loss", loss=self.loss)
             if self.training:
                 piece = "backward"
@@ -422,23 +420,6 @@ class Learner(CallbackHost):
             self._note_piece(e, piece)
             raise
         fire("after_batch", iter=i, loss=self.loss)
-
-    def _verify_loss(self) -> None:
-        """Raise unless the loss is a one-value tensor (checked on each phase's first batch)."""
-        self._check_loss = False
-        loss = self.loss
-        if isinstance(loss, Tensor) and loss.numel() == 1:
-            return
-        got = (
-            f"a tensor of shape {tuple(loss.shape)}"
-            if isinstance(loss, Tensor)
-            else f"{type(loss).__name__} {loss!r}"[:80]
-        )
-        raise TypeError(
-            f"The loss must be a one-value tensor, but {_callable_name(self.loss_func)} returned "
-            f"{got}: return a torch scalar computed from the predictions (a Python number "
-            "carries no gradient; a per-sample loss needs reduction='mean' or .mean())."
-        )
 
     def _note_piece(self, e: Exception, piece: str) -> None:
         """Note on `e` the step piece it came from, where the loop was, and the shapes involved."""
@@ -539,22 +520,6 @@ _PIECES = {
     "zero_grad": "zero_grad",
 }
 
-
-def _events_of(level: str) -> tuple[str, ...]:
-    return (f"before_{level}", f"after_{level}", f"after_cancel_{level}")
-
-
-def _callable_name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
-
-
-# Which part of the run each event belongs to, for error notes (`Learner._where`).
-_EVENT_SCOPES = {
-    **{e: "batch" for e in EVENTS},
-    **{e: "phase" for lv in ("train", "validate") for e in _events_of(lv)},
-    **{e: "epoch" for e in _events_of("epoch")},
-    **{e: "fit" for e in _events_of("fit")},
-}
 
 # For each level: its before, after and after_cancel events and the exception that cancels it.
 _LEVEL_EVENTS = {

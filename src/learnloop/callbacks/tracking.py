@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import checkpoint_state, save_checkpoint
 from ..dist import is_main_process
 from ..errors import check_int
 from ..events import CancelFitException
@@ -172,6 +172,10 @@ class CheckpointCB(_SkipsCancelledEpochs):
         # A fresh fit; a resumed one keeps the loaded best.
         if self._best is not None and fresh:
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
+        if is_main_process():
+            # A state that could not be written (a callback holding a deque, say) fails now,
+            # not after the first epoch's training.
+            checkpoint_state(learn)
 
     def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         last = (epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs
