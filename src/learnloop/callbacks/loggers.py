@@ -76,14 +76,13 @@ class CSVLoggerCB(Callback):
             return
         # A fresh start writes nothing until the first row: a fit that fails before it leaves
         # the file be. A resumed fit drops the rows of the epochs it runs again.
-        own = self.path.resolve() in self._written and self.path.is_file()
-        if resumed and self.path.is_file():
-            self._keep_rows_before(learn.epoch)
-            self._start = "a"
-        else:
-            self._start = "a" if own else "w"
-        if self._start == "a":
+        self._start = "a" if self.path.is_file() else "w"
+        if resumed and self._start == "a":
+            self._keep_rows_before(learn.epoch)  # reads the header too
+        elif self._start == "a" and self.path.resolve() in self._written:
             self._fields = self._header()
+        else:
+            self._start = "w"
 
     def _header(self) -> list[str] | None:
         with open(self.path, newline="") as f:
@@ -116,7 +115,7 @@ class CSVLoggerCB(Callback):
             if self._start == "a":
                 self._rewrite_with_header()
         mode, self._start = self._start, "a"
-        self._write([row], mode=mode, header=header or mode == "w")
+        self._write([row], mode=mode, header=header)
 
     def _rewrite_with_header(self) -> None:
         with open(self.path, newline="") as f:
