@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .errors import check_lr
 from .rng import check_rng_state, rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -131,12 +131,11 @@ def _positive_number(x: Any) -> bool:
         if x.numel() != 1 or x.is_complex() or x.dtype == torch.bool:
             return False
         x = x.item()
-    return (
-        isinstance(x, (int, float))
-        and not isinstance(x, bool)
-        and math.isfinite(x)
-        and x > 0
-    )
+    try:
+        check_lr(x)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def restore(learn: Learner, state: dict[str, Any]) -> None:
