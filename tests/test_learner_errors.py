@@ -40,7 +40,7 @@ class TestErrorNotes:
             ("after_epoch", "Boom.after_epoch (epoch 0)"),
             ("before_validate", "Boom.before_validate (epoch 0, validation)"),
             ("after_train", "Boom.after_train (epoch 0, training)"),
-            ("after_fit", "Boom.after_fit (the fit's end, 1 epochs done)"),
+            ("after_fit", "Boom.after_fit (the fit's end, epochs_done=1)"),
             ("after_loss", "Boom.after_loss (epoch 0, training batch 0)"),
         ],
     )

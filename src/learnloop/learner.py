@@ -163,7 +163,7 @@ class Learner(CallbackHost):
             return f"epoch {self.epoch}"
         if event == "before_fit":
             return f"before epoch {self.epoch}, the first of this fit"
-        return f"the fit's end, {self.epochs_done} epochs done"
+        return f"the fit's end, epochs_done={self.epochs_done}"
 
     # ---------------------------------------------------------------- step pieces
     def predict(self) -> None:
