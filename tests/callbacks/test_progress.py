@@ -152,16 +152,21 @@ def cancel_validation_in_epoch(epoch):
     return Stop()
 
 
-def test_table_blank_cells_and_new_header():
-    """A row without validation leaves blank cells; a later row with new columns prints the header again."""
-    out = io.StringIO()
+def table_learner(out: io.StringIO) -> Learner:
+    """A Learner with accuracy and a progress table written to `out` (2 + 2 batches an epoch)."""
     dls = DataLoaders(
         DataLoader(make_data(32), batch_size=16),
         DataLoader(make_data(32, seed=1), batch_size=16),
     )
-    learn = Learner(
+    return Learner(
         nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out)]
     )
+
+
+def test_table_blank_cells_and_new_header():
+    """A row without validation leaves blank cells; a later row with new columns prints the header again."""
+    out = io.StringIO()
+    learn = table_learner(out)
     learn.fit(2, cbs=[cancel_validation_in_epoch(0)])
     lines = out.getvalue().splitlines()
     assert [line.split() for line in lines[::2]] == [
@@ -175,13 +180,7 @@ def test_table_blank_cells_and_new_header():
 def test_row_cells_under_their_columns():
     """A row lacking a middle column puts each value under its own header, the missing one blank."""
     out = io.StringIO()
-    dls = DataLoaders(
-        DataLoader(make_data(32), batch_size=16),
-        DataLoader(make_data(32, seed=1), batch_size=16),
-    )
-    learn = Learner(
-        nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), ProgressCB(file=out)]
-    )
+    learn = table_learner(out)
     learn.fit(2, cbs=[cancel_validation_in_epoch(1)])
     header, _, second = out.getvalue().splitlines()
     ends = {m.group(): m.end() for m in re.finditer(r"\S+", header)}
