@@ -21,6 +21,8 @@ FLOORS: dict[str, int] = {
     "learnloop.state": 0,
     "learnloop.rng": 0,
     "learnloop.signals": 0,
+    "learnloop.preempt": 0,
+    "learnloop.midepoch": 0,
     "learnloop.atomic": 0,
     "learnloop.tensors": 0,
     "learnloop.types": 0,

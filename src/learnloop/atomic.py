@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a dead writer's temporary file must sit unmodified before a later write removes it.
 STALE_AFTER_S = 60.0
-# Held while writing; a later issue adds SIGTERM/SIGUSR1 (preemption) here.
-_HELD_SIGNALS = (signal.SIGINT,)
+# Held while writing: Ctrl-C and the preemption signals (see `learnloop.preempt`).
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _TEMP = re.compile(r"\.(?P<target>.+)\.(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{8}\.tmp")
 # Names from before the pid was added; disjoint from _TEMP ('-' is not a hex digit).
 _LEGACY_TEMP = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{8}\.tmp")

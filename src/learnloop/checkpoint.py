@@ -32,6 +32,7 @@ in `before_fit` (a scheduler, say) keeps the loaded state and applies it there; 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,8 @@ import torch
 
 from .atomic import atomic_save
 from .checkpoint_checks import check_model, check_optimizer, weights_only_safe
-from .dist import is_main_process
+from .dist import is_distributed, is_main_process, world_size
+from .midepoch import can_skip, loader_signature, signature_differences
 from .state import capture, check_state, restore, unwrap_model
 from .types import PathLike
 
@@ -110,8 +112,11 @@ def save_checkpoint(
     `epochs_done` is the epoch a resumed fit starts from; it defaults to `learn.epochs_done`, the
     epochs finished so far (an epoch counts once its phases ran, so from `after_epoch` too).
     """
-    # Under torchrun every rank holds the same state: rank 0 writes it.
+    # Under torchrun every rank holds the same state: rank 0 writes it. Inside an epoch every
+    # rank captures too: the loss sums and accumulated gradients are summed over processes.
     if not is_main_process():
+        if is_distributed() and getattr(learn, "_train_done", None) is not None:
+            capture(learn)
         return Path(path)
     return atomic_save(checkpoint_state(learn, epochs_done), path)
 
@@ -211,6 +216,8 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
             f"{file} is damaged, nothing was loaded: {e} Use an older checkpoint."
         ) from e.__cause__
     check_model(file, unwrap_model(learn.model), ck["model"])
+    if ck.get("position") is not None:
+        _settle_position(file, ck, learn.dls.train)
     if ck["optimizer"] is not None:
         check_optimizer(learn, file, ck["optimizer"])
     try:
@@ -218,3 +225,39 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
     except ValueError as e:  # a callback refused its state: nothing was changed
         raise ValueError(f"{file}: {e}") from e.__cause__
     return ck
+
+
+def _settle_position(file: Path, ck: dict[str, Any], train_dl: Any) -> None:
+    """Refuse a mid-epoch checkpoint from other data; make it resume at the next epoch where exactness is impossible."""
+    position = ck["position"]
+    epoch, done = position["epoch"], position["batches"]
+    diffs, world_only = signature_differences(
+        position["loader"], loader_signature(train_dl, world_size())
+    )
+    if diffs and not world_only:
+        raise ValueError(
+            f"{file} was written inside epoch {epoch} ({done} training batches done) with another "
+            f"training loader: {'; '.join(diffs)}. It can continue only the same batch order: "
+            "resume with the data, batch size and shuffling it was written with, or start a "
+            "fresh fit. Nothing was loaded."
+        )
+    if world_only:
+        why = f"the number of processes changed ({diffs[0]}), which changes every shard's batches"
+    elif not can_skip(train_dl):
+        why = (
+            f"the training loader is a {type(train_dl).__name__} over "
+            f"{type(getattr(train_dl, 'dataset', None)).__name__}, which cannot be continued "
+            "at a batch without replaying the ones before (a DataLoader over a map-style "
+            "dataset can)"
+        )
+    else:
+        return
+    warnings.warn(
+        f"{file} was written inside epoch {epoch} ({done} training batches done), but {why}: "
+        f"the fit resumes at the start of epoch {epoch + 1}, and the rest of epoch {epoch} is "
+        "not trained.",
+        stacklevel=4,
+    )
+    ck["epochs_done"] = ck["epoch"] = epoch + 1
+    ck.pop("grads", None)
+    ck["position"] = None

@@ -8,6 +8,7 @@ fires the events.
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,10 +25,11 @@ from .callbacks.gather import GatherPredsCB
 from .callbacks.metrics import MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
+from .callbacks.tracking import CheckpointCB
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .dispatch import CallbackHost, displaced
-from .dist import barrier, world_size
+from .dist import any_process, barrier, is_main_process, world_size
 from .errors import (
     add_note,
     check_int,
@@ -44,6 +46,9 @@ from .events import (
     CancelException,
     CancelFitException,
 )
+from .midepoch import fresh_iterator, skip_batches
+from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals
+from .rng import rng_state, set_rng_state
 from .types import PathLike
 
 if TYPE_CHECKING:
@@ -94,6 +99,12 @@ class Learner(CallbackHost):
     epoch_log: dict[str, Any]
     # The checkpoint file this fit resumed from (fit's `resume=`); None in a fresh fit.
     resumed_from: Path | None
+    # 0, except in the epoch a fit resumed into from a mid-epoch checkpoint: the training batches
+    # that checkpoint had done (the loop starts at that batch). Callbacks keep the epoch's state
+    # (sums, rows) at before_epoch/before_train when it is > 0.
+    start_iter: int
+    #: Signals that stop a fit cleanly (save last.pt, run after_fit, raise `Preempted`); () turns it off.
+    preempt_signals: tuple[int, ...] = DEFAULT_SIGNALS
 
     def __init__(
         self,
@@ -130,6 +141,16 @@ class Learner(CallbackHost):
         self.dl = self.batch = self.xb = self.yb = self.preds = self.loss = None
         self.epoch_log = {}
         self.resumed_from = None
+        self.start_iter = 0
+        # Where the fit stands inside the epoch: training batches done (None between epochs),
+        # whether the training phase closed, the RNG states at the training loader's start and at
+        # validation's, and the position a resumed fit continues from (see learnloop.midepoch).
+        self._train_done: int | None = None
+        self._train_closed = False
+        self._epoch_start: dict[str, Any] | None = None
+        self._valid_rng: dict[str, Any] | None = None
+        self._resume_at: dict[str, Any] | None = None
+        self._signals: Any = None  # the preempt_signals record of the running fit
         self._check_loss = False  # set for each phase's first batch
         self._warned_empty: set[bool] = (
             set()
@@ -202,8 +223,14 @@ class Learner(CallbackHost):
         """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate.
 
         `resume` (a checkpoint file, or a CheckpointCB folder meaning its `last.pt`) restores the
-        learner from it first and runs the epochs that remain up to `n_epochs` in all; callbacks
-        see the file as `learn.resumed_from`. With no epoch left it warns and runs nothing.
+        learner from it first and runs what remains up to `n_epochs` in all, from the next batch
+        for a mid-epoch checkpoint; callbacks see the file as `learn.resumed_from`. With no epoch
+        left it warns and runs nothing. `resume="auto"` resumes from the attached CheckpointCB's
+        `last.pt` when there is one and starts fresh when there is none: the same command for a
+        first start and a restart.
+
+        A signal in `preempt_signals` (SIGTERM, SIGUSR1) stops the fit at the next batch boundary:
+        the CheckpointCB writes `last.pt`, every `after_fit` runs, and `Preempted` is raised.
         """
         check_int(n_epochs, "fit n_epochs", minimum=0)
         if lr is not None:
@@ -211,13 +238,16 @@ class Learner(CallbackHost):
         if train:
             check_not_empty(self.dls.train, "train")
         with self._attached(list(cbs or [])):
+            if isinstance(resume, str) and resume == "auto":
+                resume = self._auto_resume()
             start = 0
-            self.resumed_from = None
+            self.resumed_from, self._resume_at, self.start_iter = None, None, 0
             if resume is not None:
                 barrier()  # under torchrun, rank 0 may still be writing the checkpoint
                 self.load(resume)
                 start = self.epochs_done
                 if start >= n_epochs:
+                    self._resume_at, self.start_iter = None, 0
                     warnings.warn(
                         f"Nothing to resume: {resume} already holds {start} epochs and fit asked "
                         f"for {n_epochs} in all, so no epoch ran. Ask for more, e.g. "
@@ -228,7 +258,29 @@ class Learner(CallbackHost):
                 self.resumed_from = checkpoint_path(resume)
             self._prepare_opt(lr)
             self.n_epochs = n_epochs
-            self._run_fit(n_epochs, train, valid and self.dls.valid is not None, start)
+            try:
+                with catch_signals(self.preempt_signals) as self._signals:
+                    self._run_fit(
+                        n_epochs, train, valid and self.dls.valid is not None, start
+                    )
+            finally:
+                self._signals = None
+
+    def _auto_resume(self) -> Path | None:
+        """resume='auto': the attached CheckpointCB's last.pt if rank 0 sees one, else None (a fresh start)."""
+        found = [cb for cb in self.cbs if isinstance(cb, CheckpointCB)]
+        if not found:
+            raise ValueError(
+                "resume='auto' resumes from a CheckpointCB's last.pt, but none is attached: add "
+                "CheckpointCB(folder) to the Learner or to fit's cbs, or pass resume=<file>."
+            )
+        last = found[0].path / "last.pt"
+        # Rank 0 decides for all, so that every rank resumes or none does.
+        if any_process(is_main_process() and last.is_file()):
+            log.info("resume='auto': resuming from %s.", last)
+            return last
+        log.info("resume='auto': no %s yet, starting fresh.", last)
+        return None
 
     def fit_one_cycle(
         self,
@@ -290,8 +342,10 @@ class Learner(CallbackHost):
         elif lr is not None:
             for group in self.opt.param_groups:
                 group["lr"] = lr
-        # A fit interrupted between backward and zero_grad left gradients behind: don't add to them.
-        self.opt.zero_grad()
+        # A fit interrupted between backward and zero_grad left gradients behind: don't add to
+        # them. A mid-epoch resume keeps the ones its checkpoint accumulated (GradAccumCB).
+        if self._resume_at is None:
+            self.opt.zero_grad()
 
     # ---------------------------------------------------------------- the loop
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
@@ -321,7 +375,11 @@ class Learner(CallbackHost):
             self._fire_cleanup("after_fit", failure, n_epochs=n_epochs)
             # Drop the last batch, its graph and activations: nothing should outlive the fit.
             self.batch = self.xb = self.yb = self.preds = self.loss = None
+            self._train_done, self._resume_at, self.start_iter = None, None, 0
             self.model.eval()  # ready for inference, as fastai leaves it
+        stop = self._signals
+        if stop is not None and stop.handled:
+            raise Preempted(stop.signum, stop.checkpoint, stop.where)
 
     def _run_level(self, level: str, body: Callable[[], None], **context: Any) -> None:
         """before_<level>, body, after_<level>; the level's Cancel exception skips to after_cancel_<level>."""
@@ -335,12 +393,27 @@ class Learner(CallbackHost):
             # Counted before after_epoch fires (a cancelled epoch too), so that a checkpoint
             # written there resumes at the next epoch.
             self.epochs_done = self.epoch + 1
+            self._train_done, self.start_iter = None, 0
         self._fire(after, **context)
 
     def _one_epoch(self, train: bool, valid: bool) -> None:
-        if train:
+        self._train_done, self._train_closed = None, False
+        at = self._resume_at
+        if at is not None and at["phase"] == "valid":
+            # Training was over when the checkpoint was written: validation runs again, from the
+            # RNG state it started with.
+            self._resume_at = None
+            self._train_done, self._train_closed = at["batches"], True
+            self._epoch_start = at
+            set_rng_state(at["now_rng"], self.dls.train)
+        elif train:
             self._one_phase(self.dls.train, training=True)
+            self._train_closed = True
         if valid:
+            if (
+                self._train_done is not None
+            ):  # a checkpoint in validation reruns it from here
+                self._valid_rng = rng_state(self.dls.train)
             self._one_phase(self.dls.valid, training=False)
 
     def _one_phase(self, dl: Iterable[Any], training: bool) -> None:
@@ -360,10 +433,21 @@ class Learner(CallbackHost):
 
     def _all_batches(self, dl: Iterable[Any]) -> None:
         self._check_loss = True  # the first batch's loss is checked
-        i = -1
+        start = 0
+        if self.training and self._signals is not None:  # a fit's training phase
+            dl, start = self._start_training(dl)
+        i = start - 1
+        stop = self._signals
+        # Under torchrun the processes agree at each training batch (validation shards may
+        # differ in length, so a signal there is acted on at the next training batch).
+        agree = stop is not None and world_size() > 1
+        if agree and not self.training:
+            stop = None
         try:
-            for i, batch in enumerate(dl):
+            for i, batch in enumerate(dl, start):
                 self._one_batch(i, batch)
+                if stop is not None and (stop.signum is not None or agree):
+                    self._check_preempted(stop, agree)
         except CancelException:
             raise
         except Exception as e:
@@ -375,8 +459,71 @@ class Learner(CallbackHost):
                 f"(epoch {self.epoch}).",
             )
             raise
-        if i < 0:
+        if i < 0 and start == 0:
             self._warn_empty()
+
+    def _start_training(self, dl: Iterable[Any]) -> tuple[Iterable[Any], int]:
+        """The loader this epoch's training reads and its first batch: 0, or a resumed fit's next batch.
+
+        The RNG states at the loader's start are kept for mid-epoch checkpoints. A resumed fit
+        starts the loader again from the saved states, so the sampler draws the same order, and
+        skips the batches done in the sampler (`learnloop.midepoch`), fetching none of them.
+        """
+        at, self._resume_at = self._resume_at, None
+        if at is None:
+            self._epoch_start = {
+                "rng": rng_state(dl),
+                "fresh": fresh_iterator(dl),
+            }
+            self._train_done = 0
+            return dl, 0
+        self._epoch_start, self._train_done = at, at["batches"]
+
+        def at_start() -> None:
+            set_rng_state(at["rng"], dl)
+
+        def after_skip() -> None:
+            set_rng_state(at["now_rng"], dl)
+
+        if at["fresh"]:  # the iterator draws its worker seed before the sampler draws
+            at_start()
+            return skip_batches(dl, at["batches"], None, after_skip), at["batches"]  # type: ignore[arg-type]
+        return skip_batches(dl, at["batches"], at_start, after_skip), at["batches"]  # type: ignore[arg-type]
+
+    def _position(self) -> dict[str, Any] | None:
+        """Where the fit stands inside the epoch, for a checkpoint; None between epochs."""
+        if self._train_done is None or self._epoch_start is None:
+            return None
+        phase = "valid" if self._train_closed else "train"
+        return {
+            "epoch": self.epoch,
+            "phase": phase,
+            "batches": self._train_done,
+            "rng": self._epoch_start["rng"],
+            "fresh": self._epoch_start["fresh"],
+            "valid_rng": self._valid_rng if phase == "valid" else None,
+        }
+
+    def _check_preempted(self, stop: Any, agree: bool) -> None:
+        """At a batch boundary: stop the fit if a preemption signal arrived (on any process)."""
+        if agree:
+            # Every process stops at the same batch, or the others would wait in DDP's all-reduce.
+            if not any_process(stop.signum is not None):
+                return
+            stop.signum = stop.signum or signal.SIGTERM
+        stop.handled = True
+        stop.where = self._where()
+        stop.checkpoint = None
+        for cb in self.cbs:
+            if isinstance(cb, CheckpointCB):
+                stop.checkpoint = cb.save_last(self)
+        if stop.checkpoint is None and is_main_process():
+            log.warning(
+                "%s arrived at %s, but no CheckpointCB is attached: nothing is saved.",
+                signal.Signals(stop.signum).name,
+                stop.where,
+            )
+        raise CancelFitException(f"preempted by {signal.Signals(stop.signum).name}")
 
     def _warn_empty(self) -> None:
         """Say once per fit that a phase's loader yielded no batch (its loss is then absent)."""
@@ -419,6 +566,10 @@ class Learner(CallbackHost):
             # A hook's error already carries its own note, and the first note stays.
             self._note_piece(e, piece)
             raise
+        if self.training and self._train_done is not None:
+            self._train_done = (
+                i + 1
+            )  # so a checkpoint written in after_batch resumes at i + 1
         fire("after_batch", iter=i, loss=self.loss)
 
     def _note_piece(self, e: Exception, piece: str) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .dist import is_distributed, sum_across_processes, world_size
 from .errors import check_lr
 from .rng import check_rng_state, rng_state, set_rng_state
 
@@ -90,7 +91,35 @@ def capture(learn: Learner, clone: bool = False) -> dict[str, Any]:
         **{name: getattr(learn, name) for name in COUNTERS},
         "rng": rng_state(learn.dls.train),
     }
+    position = learn._position() if hasattr(learn, "_position") else None
+    if position is not None:
+        _add_position(learn, state, position)
     return copy.deepcopy(state) if clone else state
+
+
+def _add_position(
+    learn: Learner, state: dict[str, Any], position: dict[str, Any]
+) -> None:
+    """A mid-epoch state: the position, the loader's signature, gradients accumulated so far."""
+    from .midepoch import loader_signature
+
+    position = dict(position)
+    valid_rng = position.pop("valid_rng")
+    if (
+        valid_rng is not None
+    ):  # validation runs again on resume, from its starting RNG state
+        state["rng"] = valid_rng
+    position["loader"] = loader_signature(learn.dls.train, world_size())
+    state["position"] = position
+    # Gradients accumulated without a step yet (GradAccumCB mid-group); averaged over processes,
+    # which the next step's all-reduce would have done.
+    params = unwrap_model(learn.model).named_parameters()
+    grads = {n: p.grad.detach() for n, p in params if p.grad is not None}
+    if is_distributed():
+        n = world_size()
+        grads = {k: sum_across_processes(g).to(g.dtype) / n for k, g in grads.items()}
+    if grads:
+        state["grads"] = grads
 
 
 def check_state(state: dict[str, Any], train_dl: Any = None) -> None:
@@ -124,6 +153,31 @@ def check_state(state: dict[str, Any], train_dl: Any = None) -> None:
             f"'callbacks' is {got}, expected a dict of callback states keyed by class name."
         )
     check_rng_state(state.get("rng"), train_dl)
+    if state.get("position") is not None:
+        _check_position(state["position"], state.get("epochs_done"), train_dl)
+
+
+def _check_position(position: Any, epochs_done: Any, train_dl: Any) -> None:
+    """ValueError unless `position` is a mid-epoch position a resumed fit can start from."""
+    problem = None
+    if not isinstance(position, dict):
+        problem = f"it is a {type(position).__name__}, expected a dict"
+    elif position.get("phase") not in ("train", "valid"):
+        problem = f"'phase' is {position.get('phase')!r}, expected 'train' or 'valid'"
+    elif position.get("epoch") != epochs_done:
+        problem = f"'epoch' is {position.get('epoch')!r}, but 'epochs_done' is {epochs_done!r}"
+    elif not (type(position.get("batches")) is int and position["batches"] >= 0):
+        problem = f"'batches' is {position.get('batches')!r}, expected an int >= 0"
+    elif not isinstance(position.get("fresh"), bool) or not isinstance(
+        position.get("loader"), dict
+    ):
+        problem = "'fresh' (a bool) or 'loader' (a dict) is missing"
+    if problem is not None:
+        raise ValueError(f"'position' does not apply: {problem}.")
+    try:
+        check_rng_state(position["rng"], train_dl)
+    except ValueError as e:
+        raise ValueError(f"'position': the epoch's {e}") from e
 
 
 def _positive_number(x: Any) -> bool:
@@ -147,6 +201,11 @@ def restore(learn: Learner, state: dict[str, Any]) -> None:
     """
     check_state(state, learn.dls.train)
     _load_callbacks(stateful_callbacks(learn.cbs), state["callbacks"])
+    position = state.get("position")
+    learn._resume_at = (
+        None if position is None else {**position, "now_rng": state["rng"]}
+    )
+    learn.start_iter = 0 if position is None else position["batches"]
     # Keys were checked by the caller or come from this very model; lazy parameters that were
     # still uninitialized at capture are absent and keep their values.
     unwrap_model(learn.model).load_state_dict(state["model"], strict=False)
@@ -156,6 +215,12 @@ def restore(learn: Learner, state: dict[str, Any]) -> None:
         if learn.opt is None:
             learn.opt = learn.opt_func(learn.model.parameters(), lr=learn.lr)
         learn.opt.load_state_dict(state["optimizer"])
+    if position is not None:  # the gradients accumulated so far, or none
+        grads = state.get("grads") or {}
+        for name, p in unwrap_model(learn.model).named_parameters():
+            p.grad = (
+                grads[name].to(p.device, p.dtype).clone() if name in grads else None
+            )
     for name in COUNTERS:
         if name in state:
             setattr(learn, name, state[name])

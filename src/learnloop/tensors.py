@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ScalarLog", "map_tensors", "stack_scalars", "to_plain"]
+__all__ = ["ScalarLog", "array_tensor", "map_tensors", "stack_scalars", "to_plain"]
 
 
 def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
@@ -53,6 +53,13 @@ def stack_scalars(values: Sequence[Tensor]) -> Tensor:
             "reduce each to a scalar (e.g. .mean()) before recording it."
         )
     return out
+
+
+def array_tensor(values: array, dtype: torch.dtype) -> Tensor:
+    """A copy of an `array('f')` or `array('d')` as a 1-d tensor of `dtype` (its item type)."""
+    if not values:
+        return torch.zeros(0, dtype=dtype)
+    return torch.frombuffer(bytearray(values.tobytes()), dtype=dtype)
 
 
 class ScalarLog:
@@ -105,6 +112,17 @@ class ScalarLog:
         """Every value so far, as Python floats (moves them to the host first)."""
         self.to_host()
         return self._host.tolist()
+
+    def as_tensor(self) -> Tensor:
+        """Every value so far as one float32 CPU tensor (for checkpoints)."""
+        self.to_host()
+        return array_tensor(self._host, torch.float32)
+
+    def extend(self, values: Tensor) -> None:
+        """Append the values of a 1-d tensor (what `as_tensor` returned), as float32."""
+        self.to_host()
+        self._host.frombytes(values.detach().float().cpu().numpy().tobytes())
+        self._n += values.numel()
 
     def clear(self) -> None:
         """Forget every value."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..dist import is_distributed, sum_across_processes
+from ..dist import is_distributed, rank, sum_across_processes
 from ..tensors import stack_scalars, to_plain
 from .core import ORDERS, Callback
 
@@ -105,6 +105,11 @@ class MetricsCB(Callback):
     The batch losses are summed on the device in chunks of 512, so a long epoch keeps no tensor
     per batch, and nothing is read to the host before the phase ends.
 
+    Its state (`state_dict`) is the history and, inside an epoch, the row so far and the open
+    training phase's sums, so a fit resumed from a checkpoint has every row of the run in
+    `.history`, and one resumed mid-epoch ends the epoch with the row an uninterrupted run has
+    (under torchrun: the sums of all processes, carried by rank 0).
+
     Example:
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
     """
@@ -137,6 +142,9 @@ class MetricsCB(Callback):
         self._epoch: int | None = None
         self._ran = False
         self._start = 0.0
+        self._elapsed = 0.0
+        self._row: dict[str, Any] = {}
+        self._loaded: dict[str, Any] | None = None
         self._clear()
 
     def _clear(self) -> None:
@@ -148,16 +156,26 @@ class MetricsCB(Callback):
         self._rows = 0
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self.history = []
+        loaded, self._loaded = self._loaded, None
+        if learn.resumed_from is None:
+            self.history = []
+        if learn.start_iter and loaded is not None:
+            return  # the resumed epoch goes on with the loaded row and sums
         self._phase, self._epoch, self._ran = None, None, False
         self._clear()
 
     def before_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
+        if learn.start_iter and self._epoch == epoch:  # resumed inside this epoch
+            self._start = time.perf_counter() - self._elapsed
+            learn.epoch_log = self._row
+            return
         self._start = time.perf_counter()
         self._phase, self._epoch, self._ran = None, epoch, False
-        learn.epoch_log = {"epoch": epoch}
+        learn.epoch_log = self._row = {"epoch": epoch}
 
     def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        if learn.start_iter and self._phase == "train":
+            return  # resumed inside this phase: its sums so far are loaded
         self._phase = "train"
         self._clear()
 
@@ -238,7 +256,7 @@ class MetricsCB(Callback):
     def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         # Another callback cancelled before_epoch before this one saw it: the row is bare.
         if self._epoch != epoch:
-            learn.epoch_log = {"epoch": epoch}
+            learn.epoch_log = self._row = {"epoch": epoch}
         # A phase cut short by CancelEpochException (no after_train): what ran counts.
         if self._phase is not None:
             self._close(learn)
@@ -254,5 +272,72 @@ class MetricsCB(Callback):
         self._phase, self._epoch, self._ran = None, None, False
         self._clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far; inside an epoch also its row and the open training phase's sums.
+
+        Under torch.distributed every process must call it at the same batch (checkpoints do):
+        the sums are added up over processes.
+        """
+        state: dict[str, Any] = {"history": [_plain_row(r) for r in self.history]}
+        if self._epoch is None:
+            return state
+        state["epoch"] = {
+            "epoch": self._epoch,
+            "phase": self._phase if self._phase == "train" else None,
+            "ran": self._ran,
+            "elapsed": time.perf_counter() - self._start,
+            "row": _plain_row(self._row),
+        }
+        if self._phase == "train":
+            state["epoch"].update(self._sums_state())
+        return state
+
+    def _sums_state(self) -> dict[str, Any]:
+        """The open phase's sums as tensors: as they are on one process (so the resumed sums are
+        bitwise the same), folded and added up over processes under torch.distributed."""
+        if is_distributed():
+            self._stack()
+            total = torch.stack(self._sums).sum() if self._sums else torch.zeros(())
+            return {
+                "losses": torch.zeros(0),
+                "counts": [],
+                "sums": sum_across_processes(total).reshape(1).float().cpu(),
+                "rows": int(sum_across_processes(self._rows)),
+            }
+        return {
+            "losses": stack_scalars(self._losses).cpu()
+            if self._losses
+            else torch.zeros(0),
+            "counts": list(self._counts),
+            "sums": torch.stack(self._sums).cpu() if self._sums else torch.zeros(0),
+            "rows": self._rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the rows (and the open epoch's row and sums) that `state_dict` saved."""
+        self.history = [dict(r) for r in state.get("history", [])]
+        self._loaded = state
+        epoch = state.get("epoch")
+        self._clear()
+        if epoch is None:
+            self._phase, self._epoch, self._ran = None, None, False
+            return
+        self._epoch, self._phase, self._ran = (
+            epoch["epoch"],
+            epoch["phase"],
+            epoch["ran"],
+        )
+        self._elapsed, self._row = float(epoch["elapsed"]), dict(epoch["row"])
+        if epoch["phase"] == "train" and rank() == 0:  # rank 0 carries the sums of all
+            self._losses = list(epoch["losses"].unbind())
+            self._counts = [int(c) for c in epoch["counts"]]
+            self._sums = list(epoch["sums"].unbind())
+            self._rows = int(epoch["rows"])
+
     def __repr__(self) -> str:
         return f"MetricsCB({', '.join(self.metrics)})"
+
+
+def _plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with plain values only (for checkpoints)."""
+    return {k: to_plain(v) for k, v in row.items()}

@@ -160,15 +160,17 @@ class ProgressCB(Callback):
             self._batch_bar.set_description_str(desc, refresh=False)
             self._batch_bar.set_postfix_str("", refresh=False)
             self._batch_bar.reset(total=learn.n_iter)
-            return
-        self._batch_bar = self._tqdm()(
-            total=learn.n_iter,
-            desc=desc,
-            leave=False,
-            file=self._out,
-            mininterval=self.mininterval,
-            dynamic_ncols=True,
-        )
+        else:
+            self._batch_bar = self._tqdm()(
+                total=learn.n_iter,
+                desc=desc,
+                leave=False,
+                file=self._out,
+                mininterval=self.mininterval,
+                dynamic_ncols=True,
+            )
+        if learn.training and learn.start_iter:  # resumed inside the epoch
+            self._batch_bar.update(learn.start_iter)
 
     def before_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._start_batches(learn, "train")

@@ -12,9 +12,10 @@ from __future__ import annotations
 from array import array
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
-from ..tensors import ScalarLog
+from ..tensors import ScalarLog, array_tensor
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ class Recorder(Callback):
     cancelled before its batches) records nothing. `.valid_losses` holds `(batches so far,
     valid_loss)` for each epoch whose row has a validation loss, that is whose validation ran.
 
+    Its values are part of checkpoints (`state_dict`): after `fit(n, resume=...)` they cover the
+    whole run, as if it had never stopped (under torchrun, rank 0's values on every process).
+
     Example:
         >>> learn.fit(3)  # doctest: +SKIP
         >>> learn.recorder.plot_loss().savefig("loss.png")  # doctest: +SKIP
@@ -62,7 +66,8 @@ class Recorder(Callback):
         self.valid_losses: list[tuple[int, float]] = []
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._reset()
+        if learn.resumed_from is None:  # a resumed fit goes on with the loaded values
+            self._reset()
 
     def after_loss(self, learn: Learner, loss: Tensor, **kwargs: Any) -> None:
         if learn.training:
@@ -78,6 +83,21 @@ class Recorder(Callback):
 
     def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._losses.to_host()  # an epoch cut short by CancelFitException has no after_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The values so far, as tensors (12 bytes a batch)."""
+        return {
+            "lrs": array_tensor(self._lrs, torch.float64),
+            "losses": self._losses.as_tensor(),
+            "valid_losses": [list(v) for v in self.valid_losses],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the values `state_dict` saved."""
+        self._reset()
+        self._lrs.frombytes(state["lrs"].double().numpy().tobytes())
+        self._losses.extend(state["losses"])
+        self.valid_losses = [(int(n), float(v)) for n, v in state["valid_losses"]]
 
     @property
     def lrs(self) -> list[float]:

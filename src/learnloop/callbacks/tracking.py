@@ -10,13 +10,14 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from ..checkpoint import checkpoint_state, save_checkpoint
-from ..dist import is_main_process
+from ..dist import any_process, is_main_process, world_size
 from ..errors import check_int
 from ..events import CancelFitException
 from ..runs import earlier_checkpoints, refuse_earlier_run
@@ -116,11 +117,19 @@ class CheckpointCB(_SkipsCancelledEpochs):
     checkpoint, so a resumed fit writes best.pt only when it beats the saved one. An epoch's files
     are written once every callback's `after_epoch` has run (at the next `before_epoch`, or at
     `after_fit`), so they hold the state of callbacks that update in `after_epoch` too (early
-    stopping counters, per-epoch schedulers). A fit interrupted mid-epoch writes nothing more.
+    stopping counters, per-epoch schedulers).
+
+    Inside an epoch, `every_steps` (training batches) and `every_minutes` (either or both) write
+    `last.pt` at a batch boundary, after the optimizer step and every other built-in callback's
+    `after_batch` (this one runs after them: a callback of yours that changes state in
+    `after_batch` needs a lower `order`). A fit resumed from it continues at the next batch,
+    exactly as if never stopped (see `learnloop.midepoch`). `best.pt` stays per epoch. A
+    preemption signal (see `Learner.preempt_signals`) also writes `last.pt` at the batch boundary.
 
     Example:
         >>> learn.fit(4, cbs=[CheckpointCB("ckpt", monitor="valid_loss")])  # doctest: +SKIP
         >>> Learner(model, dls).fit(8, cbs=[CheckpointCB("ckpt")], resume="ckpt")  # doctest: +SKIP
+        >>> learn.fit(1, cbs=[CheckpointCB("ckpt", every_steps=500)], resume="auto")  # doctest: +SKIP
     """
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
@@ -134,10 +143,33 @@ class CheckpointCB(_SkipsCancelledEpochs):
         monitor: str | None = "valid_loss",
         mode: str = "min",
         overwrite: bool = False,
+        every_steps: int | None = None,
+        every_minutes: float | None = None,
     ) -> None:
         self.every = check_int(
             every, "CheckpointCB every", unit="epochs between writes"
         )
+        if every_steps is not None:
+            check_int(
+                every_steps,
+                "CheckpointCB every_steps",
+                unit="training batches between writes",
+            )
+        if every_minutes is not None and not (
+            isinstance(every_minutes, (int, float))
+            and not isinstance(every_minutes, bool)
+            and math.isfinite(every_minutes)
+            and every_minutes > 0
+        ):
+            raise ValueError(
+                f"CheckpointCB every_minutes must be a number of minutes > 0, got {every_minutes!r}: "
+                "e.g. every_minutes=30, or None for no timed writes."
+            )
+        self.every_steps, self.every_minutes = every_steps, every_minutes
+        self._steps = (
+            0  # training batches done in the run (saved, so a resume counts on)
+        )
+        self._last_write = 0.0  # time.monotonic() of the last write, for every_minutes
         self.path = Path(path)
         _check_folder(self.path)
         self.overwrite = overwrite
@@ -156,7 +188,10 @@ class CheckpointCB(_SkipsCancelledEpochs):
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._due = None
+        self._last_write = time.monotonic()
         fresh = learn.resumed_from is None
+        if fresh:
+            self._steps = 0
         _check_folder(self.path)
         found = None
         if fresh and not self.overwrite and is_main_process():
@@ -172,10 +207,9 @@ class CheckpointCB(_SkipsCancelledEpochs):
         # A fresh fit; a resumed one keeps the loaded best.
         if self._best is not None and fresh:
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
-        if is_main_process():
-            # A state that could not be written (a callback holding a deque, say) fails now,
-            # not after the first epoch's training.
-            checkpoint_state(learn)
+        # A state that could not be written (a callback holding a deque, say) fails now, not
+        # after the first epoch's training. Every process: a state may sum over them.
+        checkpoint_state(learn)
 
     def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
         last = (epoch + 1) % self.every == 0 or epoch + 1 == learn.n_epochs
@@ -197,6 +231,26 @@ class CheckpointCB(_SkipsCancelledEpochs):
         # Still due only if the fit ended between two epochs.
         self._write(learn, final=True)
 
+    def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        if not learn.training or (
+            self.every_steps is None and self.every_minutes is None
+        ):
+            return
+        self._steps += 1
+        due = self.every_steps is not None and self._steps % self.every_steps == 0
+        if self.every_minutes is not None:
+            late = time.monotonic() - self._last_write >= 60 * self.every_minutes
+            if world_size() > 1:  # rank 0's clock decides, for every process at once
+                late = any_process(late and is_main_process())
+            due = due or late
+        if due:
+            self.save_last(learn)
+
+    def save_last(self, learn: Learner) -> Path:
+        """Write `last.pt` now (inside an epoch: a mid-epoch checkpoint); returns its path."""
+        self._last_write = time.monotonic()
+        return self._save(learn, "last.pt")
+
     def _write(self, learn: Learner, final: bool) -> None:
         if self._due is None:
             return
@@ -213,18 +267,20 @@ class CheckpointCB(_SkipsCancelledEpochs):
                 self.path / "best.pt",
             )
 
-    def _save(self, learn: Learner, name: str) -> None:
+    def _save(self, learn: Learner, name: str) -> Path:
         path = save_checkpoint(learn, self.path / name)
         self._written.add(path.resolve())
+        return path
 
     def state_dict(self) -> dict[str, Any]:
-        """The best value so far (for a resumed fit)."""
-        return {"best": self.best}
+        """The best value so far and the training batches counted for `every_steps` (for a resumed fit)."""
+        return {"best": self.best, "steps": self._steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the best value so far."""
+        """Restore the best value so far and the batch count."""
         if self._best is not None and state.get("best") is not None:
             self._best.best = float(state["best"])
+        self._steps = int(state.get("steps", 0))
 
     def __repr__(self) -> str:
         monitor = (
@@ -232,7 +288,17 @@ class CheckpointCB(_SkipsCancelledEpochs):
             if self._best
             else ""
         )
-        return f"CheckpointCB(path={str(self.path)!r}, every={self.every}{monitor})"
+        steps = "".join(
+            f", {k}={v}"
+            for k, v in (
+                ("every_steps", self.every_steps),
+                ("every_minutes", self.every_minutes),
+            )
+            if v is not None
+        )
+        return (
+            f"CheckpointCB(path={str(self.path)!r}, every={self.every}{steps}{monitor})"
+        )
 
 
 def _check_folder(path: Path) -> None:

@@ -1,0 +1,90 @@
+"""Preemption: the signals a scheduler sends before it kills a job, caught during a fit.
+
+SLURM sends SIGTERM (or the signal asked for with `--signal=USR1@90`) some seconds before it kills
+a job; cloud spot instances send SIGTERM; torchrun passes SIGTERM on to its workers. During
+`Learner.fit`, `catch_signals` replaces the handlers of those signals by one that only records
+the signal; the loop reads the record at the next batch boundary, writes `last.pt` through the
+attached CheckpointCB, cancels the fit (every `after_fit` runs) and raises `Preempted`. The
+previous handlers are put back when the fit ends, and a signal that arrived too late for the
+loop to act on (after the last batch) is then delivered to them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["DEFAULT_SIGNALS", "Preempted", "SignalRecord", "catch_signals"]
+
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """Raised by `fit` after a preemption signal: the fit stopped at a batch boundary, saved, and cleaned up.
+
+    It is a SystemExit, so a script that does not catch it ends quietly with exit status
+    `128 + signal number` (143 for SIGTERM, 138 for SIGUSR1), as if the signal had killed it, and a
+    bare `except Exception` does not swallow it; catch `Preempted` to handle it. `.signum` is the
+    signal, `.checkpoint` the file written (None without a CheckpointCB).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, where: str) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.checkpoint, self.where = signum, checkpoint, where
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.checkpoint is None:
+            return (
+                f"Preempted by {name} at {self.where}: no CheckpointCB is attached, so nothing "
+                "was saved."
+            )
+        return (
+            f"Preempted by {name} at {self.where}: wrote {self.checkpoint}. Run the same "
+            "command with resume='auto' (learnloop train --resume auto) to continue."
+        )
+
+
+class SignalRecord:
+    """The signals `catch_signals` recorded: `.signum` is the first (None: none yet); `.handled` is set by the loop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.handled = False
+        # Set by the loop when it acts: where it stopped and the checkpoint it wrote.
+        self.where = ""
+        self.checkpoint: Path | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+
+@contextmanager
+def catch_signals(signals: Iterable[int]) -> Iterator[SignalRecord]:
+    """Record `signals` instead of handling them while the block runs; put the old handlers back after.
+
+    Only the main thread can install handlers: elsewhere nothing is caught (the record stays
+    empty). A signal recorded but not `handled` by the end of the block is delivered to the old
+    handler then (the default SIGTERM handler ends the process).
+    """
+    record = SignalRecord()
+    if threading.current_thread() is not threading.main_thread():
+        yield record
+        return
+    previous = {}
+    try:
+        for sig in signals:
+            old = signal.getsignal(sig)
+            # None: a handler installed outside Python, which could not be put back.
+            if old is not None and old != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, record)
+        yield record
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if record.signum is not None and not record.handled:
+            signal.raise_signal(record.signum)
