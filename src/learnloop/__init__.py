@@ -47,6 +47,7 @@ from .events import (
     CancelValidException,
 )
 from .learner import Learner
+from .preempt import Preempted
 
 __version__ = "0.1.0"
 
@@ -85,6 +86,7 @@ __all__ = [
     "MetricsCB",
     "MixedPrecisionCB",
     "OneCycle",
+    "Preempted",
     "ProgressCB",
     "Recorder",
     "SingleBatchCB",
