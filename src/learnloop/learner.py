@@ -29,7 +29,7 @@ from .callbacks.tracking import CheckpointCB
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .dispatch import CallbackHost, displaced
-from .dist import any_process, barrier, is_main_process, world_size
+from .dist import any_process, barrier, is_distributed, is_main_process, world_size
 from .errors import (
     add_note,
     check_int,
@@ -275,8 +275,12 @@ class Learner(CallbackHost):
                 "CheckpointCB(folder) to the Learner or to fit's cbs, or pass resume=<file>."
             )
         last = found[0].path / "last.pt"
-        # Rank 0 decides for all, so that every rank resumes or none does.
-        if any_process(is_main_process() and last.is_file()):
+        exists = last.is_file()
+        if (
+            is_distributed()
+        ):  # rank 0 decides for all, so that every rank resumes or none does
+            exists = any_process(is_main_process() and exists)
+        if exists:
             log.info("resume='auto': resuming from %s.", last)
             return last
         log.info("resume='auto': no %s yet, starting fresh.", last)
