@@ -30,6 +30,7 @@ from torch.utils.data import (
 )
 
 __all__ = [
+    "agree_any",
     "any_process",
     "barrier",
     "distributed_sampler",
@@ -114,6 +115,29 @@ def any_process(flag: bool) -> bool:
     refusal raised on rank 0 alone would leave the others waiting in a collective.
     """
     return bool(sum_across_processes(torch.tensor(int(flag))) > 0)
+
+
+# A gloo group beside an nccl default group, for host-side flags (keyed by the default group).
+_HOST_GROUPS: dict[int, Any] = {}
+
+
+def agree_any(flag: bool) -> bool:
+    """`any_process(flag)` for a flag checked at every step: reduced on the host, never on a GPU.
+
+    Under nccl a one-value all-reduce on the GPU would make the host wait for the step's kernels
+    (a sync per step); this one goes through a gloo group made once beside the default group.
+    """
+    if not is_distributed():
+        return flag
+    group = None
+    if dist.get_backend() != "gloo":  # untested here: no GPU in CI
+        key = id(dist.group.WORLD)
+        if key not in _HOST_GROUPS:
+            _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+        group = _HOST_GROUPS[key]
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, group=group)
+    return bool(t.item())
 
 
 # ------------------------------------------------------------------------------ sharded loaders

@@ -29,7 +29,14 @@ from .callbacks.tracking import CheckpointCB
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .dispatch import CallbackHost, displaced
-from .dist import any_process, barrier, is_distributed, is_main_process, world_size
+from .dist import (
+    agree_any,
+    any_process,
+    barrier,
+    is_distributed,
+    is_main_process,
+    world_size,
+)
 from .errors import (
     add_note,
     check_int,
@@ -512,7 +519,7 @@ class Learner(CallbackHost):
         """At a batch boundary: stop the fit if a preemption signal arrived (on any process)."""
         if agree:
             # Every process stops at the same batch, or the others would wait in DDP's all-reduce.
-            if not any_process(stop.signum is not None):
+            if not agree_any(stop.signum is not None):
                 return
             stop.signum = stop.signum or signal.SIGTERM
         stop.handled = True

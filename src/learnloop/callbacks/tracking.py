@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..checkpoint import checkpoint_state, save_checkpoint
-from ..dist import any_process, is_main_process, world_size
+from ..dist import agree_any, is_main_process, world_size
 from ..errors import check_int
 from ..events import CancelFitException
 from ..runs import earlier_checkpoints, refuse_earlier_run
@@ -241,7 +241,7 @@ class CheckpointCB(_SkipsCancelledEpochs):
         if self.every_minutes is not None:
             late = time.monotonic() - self._last_write >= 60 * self.every_minutes
             if world_size() > 1:  # rank 0's clock decides, for every process at once
-                late = any_process(late and is_main_process())
+                late = agree_any(late and is_main_process())
             due = due or late
         if due:
             self.save_last(learn)
