@@ -5,8 +5,10 @@ and plain Python values, so it loads with `torch.load(weights_only=True)` and no
 runs. It holds the model and optimizer states, the state of every attached callback that has
 `state_dict()` and `load_state_dict(state)` (schedulers, grad scalers, early stopping, ...), the
 epoch counters and the random number generators, which make a resumed fit reproduce the
-uninterrupted one bit for bit (see `learnloop.state`). Under torchrun every rank holds the same
-state, so `save_checkpoint` writes on rank 0 only, and every rank loads.
+uninterrupted one bit for bit (see `learnloop.state`). A checkpoint written inside an epoch (a
+step checkpoint, a preemption) also holds the fit's `position` there and the gradients accumulated
+so far; a resumed fit continues at the next batch (see `learnloop.midepoch`). Under torchrun every
+rank holds the same state, so `save_checkpoint` writes on rank 0 only, and every rank loads.
 
 What is guaranteed:
 
@@ -22,6 +24,10 @@ What is guaranteed:
   generator, the callbacks section), and a callback that refuses its state gets the others' old
   states back. Any failure is a ValueError naming the file and the section, and the learner is
   as it was. A file holding pickled objects is refused without running any of it.
+- A mid-epoch checkpoint loads only into a learner whose training loader gives the same batch
+  order (dataset length, batch size, drop_last, shuffling), else ValueError saying what differs;
+  where the order cannot be continued exactly (another number of processes, a loader that cannot
+  be entered at a batch), the fit resumes at the next epoch, with a warning.
 
 The callback protocol: `state_dict()` returns tensors and plain values; `load_state_dict(state)` is
 called by `load_checkpoint`, before `before_fit` of a resumed fit. A callback that builds its object

@@ -4,7 +4,8 @@
 values only (so a checkpoint of it loads with `torch.load(weights_only=True)`): the model and
 optimizer states, the state of every attached callback that has `state_dict()` and
 `load_state_dict(state)`, the counters, and the random number generators (python, numpy, torch,
-cuda, and the train loader's own generators, which fix its shuffling order).
+cuda, and the train loader's own generators, which fix its shuffling order). Inside an epoch it
+adds the fit's `position` (see `learnloop.midepoch`) and the gradients accumulated so far.
 `restore(learn, state)` puts all of it back, or changes nothing: it first checks the counters (ints
 >= 0, a finite positive lr), the callbacks section (a dict keyed by str) and every RNG state (its
 structure and sizes, by applying it to a fresh generator of the same kind, the global ones
