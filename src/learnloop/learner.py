@@ -373,6 +373,10 @@ class Learner(CallbackHost):
             raise
         finally:
             self._fire_cleanup("after_fit", failure, n_epochs=n_epochs)
+            # The re-raised error's traceback holds this frame: without this, frame and error
+            # form a cycle that keeps the loader's worker processes alive until a garbage
+            # collection, which then waits for them (about 5 s each with torch 2.x).
+            failure = None
             # Drop the last batch, its graph and activations: nothing should outlive the fit.
             self.batch = self.xb = self.yb = self.preds = self.loss = None
             self._train_done, self._resume_at, self.start_iter = None, None, 0
