@@ -53,7 +53,7 @@ from .events import (
     CancelException,
     CancelFitException,
 )
-from .midepoch import fresh_iterator, skip_batches
+from .midepoch import fresh_iterator, hand_over, skip_batches
 from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals
 from .rng import rng_state, set_rng_state
 from .types import PathLike
@@ -384,6 +384,10 @@ class Learner(CallbackHost):
             raise
         finally:
             self._fire_cleanup("after_fit", failure, n_epochs=n_epochs)
+            # The re-raised error's traceback holds this frame: without this, frame and error
+            # form a cycle that keeps the loader's worker processes alive until a garbage
+            # collection, which then waits for them (about 5 s each with torch 2.x).
+            failure = None
             # Drop the last batch, its graph and activations: nothing should outlive the fit.
             self.batch = self.xb = self.yb = self.preds = self.loss = None
             self._train_done, self._resume_at, self.start_iter = None, None, 0
@@ -444,7 +448,7 @@ class Learner(CallbackHost):
 
     def _all_batches(self, dl: Iterable[Any]) -> None:
         self._check_loss = True  # the first batch's loss is checked
-        start = 0
+        start, loader = 0, dl
         if self.training and self._signals is not None:  # a fit's training phase
             dl, start = self._start_training(dl)
         i = start - 1
@@ -455,7 +459,10 @@ class Learner(CallbackHost):
         if agree and not self.training:
             stop = None
         try:
-            for i, batch in enumerate(dl, start):
+            batches = iter(dl)
+            # A resumed epoch's persistent workers serve the next epochs.
+            hand_over(loader, dl)
+            for i, batch in enumerate(batches, start):
                 self._one_batch(i, batch)
                 if stop is not None and (stop.signum is not None or agree):
                     self._check_preempted(stop, agree)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 __all__ = [
     "can_skip",
     "fresh_iterator",
+    "hand_over",
     "loader_signature",
     "signature_differences",
     "skip_batches",
@@ -112,6 +113,21 @@ def skip_batches(
     # DataLoader forbids setting its samplers after construction; the copy is ours to change.
     object.__setattr__(clone, name, _SkipFirst(getattr(dl, name), skip, before, after))
     return clone
+
+
+def hand_over(dl: Any, clone: Any) -> None:
+    """Give `dl` the persistent workers' iterator that `clone` (from `skip_batches`) started.
+
+    An uninterrupted fit starts persistent workers once and reuses them each epoch, which draws
+    no worker seed; were the next epoch to start workers of its own from `dl`, it would draw one,
+    and every random draw after it would differ. Call it once `clone`'s iteration has started.
+    """
+    iterator = getattr(clone, "_iterator", None)
+    if clone is dl or iterator is None:
+        return
+    # Later epochs draw their whole order from `dl`'s sampler, not the skipping one.
+    iterator._index_sampler = dl._index_sampler
+    object.__setattr__(dl, "_iterator", iterator)
 
 
 def _batch_size(dl: DataLoader) -> int | None:
