@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import boom, make_data, make_dls, training_loop
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from learnloop import (
     EVENTS,
@@ -638,3 +638,25 @@ class TestSignatures:
         assert not any(p.kind is p.VAR_KEYWORD for p in mine.values())
         for name in shared:
             assert mine[name].default == theirs[name].default, name
+
+
+class TestUnsizedLoader:
+    def test_iterable_dataset_without_len_trains(self):
+        """A DataLoader over an IterableDataset with no __len__ (a streaming dataset) trains: len(dl)
+        raises TypeError there, so the loop counts its batches as unknown."""
+
+        class Stream(IterableDataset):
+            def __iter__(self):
+                g = torch.Generator().manual_seed(0)
+                for _ in range(64):
+                    x = torch.randn(4, generator=g)
+                    yield x, int(x.sum() > 0)
+
+        dl = DataLoader(Stream(), batch_size=16)
+        with pytest.raises(TypeError):
+            len(dl)
+        learn = Learner(nn.Linear(4, 2), DataLoaders(dl, dl), lr=0.5)
+        learn.fit(2)
+        rows = learn.recorder
+        assert len(rows.losses) == 8  # 4 batches an epoch, counted as they came
+        assert rows.losses[-1] < rows.losses[0]

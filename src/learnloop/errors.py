@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .types import length
+
 __all__ = [
     "add_note",
     "check_int",
@@ -48,7 +50,7 @@ def check_not_empty(dl: Any, name: str) -> None:
     """Raise if the `name` loader is None or has no batches."""
     if dl is None:
         raise ValueError(f"dls.{name} is None: a Learner needs a {name} DataLoader.")
-    if hasattr(dl, "__len__") and len(dl) == 0:
+    if length(dl) == 0:
         raise ValueError(
             f"dls.{name} is empty (0 batches): check the dataset's length, and that batch_size "
             "is not larger than the dataset while drop_last=True."

@@ -56,7 +56,7 @@ from .events import (
 from .midepoch import fresh_iterator, hand_over, skip_batches
 from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals
 from .rng import rng_state, set_rng_state
-from .types import PathLike
+from .types import PathLike, length
 
 if TYPE_CHECKING:
     from .callbacks.lr_finder import LRFindResult
@@ -433,7 +433,7 @@ class Learner(CallbackHost):
 
     def _one_phase(self, dl: Iterable[Any], training: bool) -> None:
         self.training, self.dl = training, dl
-        self.n_iter = len(dl) if hasattr(dl, "__len__") else None
+        self.n_iter = length(dl)
         was_training = self.model.training
         self.model.train(training)
         try:

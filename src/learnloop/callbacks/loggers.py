@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..dist import is_main_process
 from ..runs import earlier_rows, refuse_earlier_run
 from ..tensors import to_plain
-from ..types import PathLike
+from ..types import PathLike, length
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class TensorBoardCB(Callback):
         self.writer = self._writer_cls(
             log_dir=None if self.path is None else str(self.path)
         )
-        per_epoch = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 0
+        per_epoch = length(learn.dls.train) or 0
         self._step = learn.epoch * per_epoch  # a resumed fit continues the batch axis
 
     def after_batch(self, learn: Learner, loss: Any, **kwargs: Any) -> None:

@@ -30,6 +30,7 @@ import torch
 from ..errors import check_int, check_lr
 from ..events import CancelFitException
 from ..state import capture, restore
+from ..types import length
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ class LRFinderCB(Callback):
 
 def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) -> None:
     """Run `finder`'s sweep as a short fit, then restore `learn` as it was (see the module docstring)."""
-    n_iter = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
+    n_iter = length(learn.dls.train) or 1
     n_epochs = math.ceil(finder.num_it / max(n_iter, 1))
     saved = capture(learn, clone=True)
     mode, epoch_log, resumed = (

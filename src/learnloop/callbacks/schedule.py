@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import check_int, check_lr
+from ..types import length
 from .core import ORDERS, Callback
 from .tracking import _SkipsCancelledEpochs
 
@@ -266,7 +267,7 @@ def one_cycle(
     moms: tuple[float, float, float] | None,
 ) -> BatchSchedCB:
     """The BatchSchedCB of a one-cycle schedule over `n_epochs` (what `Learner.fit_one_cycle` attaches)."""
-    if not hasattr(learn.dls.train, "__len__"):
+    if length(learn.dls.train) is None:
         raise TypeError(
             "fit_one_cycle needs the number of training batches, but dls.train has no len(): "
             "use a sized DataLoader, or BatchSchedCB(partial(OneCycle, total_steps=..., lr_max=...))."
