@@ -394,11 +394,10 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_sigterm_to_a_training_process(tmp_path):
-    """A real process sent SIGTERM mid-training exits 143 quietly with a mid-epoch last.pt; the same
-    script with resume='auto' then finishes with the uninterrupted run's weights, bit for bit."""
+    """A real process sent SIGTERM exits 143 quietly, saved mid-epoch; rerun with resume='auto' it ends as if never stopped."""
     run, full = tmp_path / "run", tmp_path / "full"
     proc = start_script(run)
-    # The uninterrupted run, in this process while the other one starts (its data is not slowed).
+    # The uninterrupted run, here while the process starts (no delay: the numbers do not depend on it).
     train(full, delay=0.0)
     marker = run / "started"
     deadline = time.monotonic() + 60
