@@ -3,6 +3,9 @@
 By default it trains a small CNN on the embedded handwritten digits; `--data` takes a local
 parquet/arrow/image folder or a hub name instead. It shows progress and the per-epoch table,
 prints the final validation accuracy, and writes `loss.png` and `model.pt` to `--out`.
+`--resume auto` keeps checkpoints in `--out`/checkpoints and continues from its `last.pt` when
+there is one, so the same command starts a run and restarts it after a preemption (SIGTERM or
+SIGUSR1: the run saves at the next batch and exits with status 143 or 138).
 It runs unchanged under `torchrun --nproc_per_node=N` (DDP; `--bs` is then per process), where
 only rank 0 prints and writes files.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,11 +25,12 @@ import torch
 from torch import nn
 
 from .dist import is_main_process
+from .preempt import Preempted
 
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["build", "check_out", "main", "run", "train"]
+__all__ = ["build", "check_out", "checkpoints", "main", "run", "train"]
 
 
 def _columns(ds: Any) -> tuple[str, str]:
@@ -98,10 +103,30 @@ def build(
     return learn, net
 
 
-def run(learn: Learner, net: nn.Module, epochs: int, out: str) -> dict[str, Any]:
-    """Fit for `epochs`; on rank 0 print the accuracy and write `loss.png` and `model.pt` to `out`."""
-    learn.fit(epochs)
-    row = dict(learn.epoch_log)
+def run(
+    learn: Learner,
+    net: nn.Module,
+    epochs: int,
+    out: str,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fit for `epochs` (continuing from `resume`, see `Learner.fit`); on rank 0 print the accuracy
+    and write `loss.png` and `model.pt` to `out`.
+
+    A learner that `checkpoints` loaded with all `epochs` done (a restart after the run's end) is
+    only validated, and the files written again.
+    """
+    if resume is not None and learn.epochs_done >= epochs:
+        row = learn.validate()
+        if is_main_process():
+            print(
+                f"nothing left to train: the checkpoint holds {learn.epochs_done} epochs "
+                f"(--epochs {epochs})"
+            )
+    else:
+        learn.fit(epochs, resume=resume)
+        # Empty if the fit had no epoch left to run (it warned).
+        row = dict(learn.epoch_log) or learn.validate()
     if not is_main_process():  # under torchrun, rank 0 reports and writes the files
         return row
     print(f"final validation accuracy: {row['accuracy']:.4f}")
@@ -111,6 +136,51 @@ def run(learn: Learner, net: nn.Module, epochs: int, out: str) -> dict[str, Any]
     torch.save(net.state_dict(), out_dir / "model.pt")
     print(f"wrote {out_dir / 'loss.png'} and {out_dir / 'model.pt'}")
     return row
+
+
+def checkpoints(
+    learn: Learner,
+    out: str,
+    resume: str | None = None,
+    save_every_steps: int | None = None,
+) -> str | Path | None:
+    """Attach CheckpointCB(`out`/checkpoints) when `resume` or `save_every_steps` asks for checkpoints;
+    return what `run` resumes from (None: a fresh start).
+
+    `resume` is 'auto' (that folder's last.pt if there is one, else a fresh start) or a checkpoint
+    file or CheckpointCB folder. The checkpoint is loaded now, so that a bad one fails before any
+    training: FileNotFoundError, ValueError (see `Learner.load`), or FileExistsError for a fresh
+    start over an earlier run's checkpoints.
+    """
+    if resume is None and save_every_steps is None:
+        return None
+    from .callbacks.tracking import CheckpointCB
+    from .runs import earlier_checkpoints
+
+    folder = Path(out) / "checkpoints"
+    learn.add_cbs(CheckpointCB(folder, every_steps=save_every_steps))
+    if resume == "auto":
+        file = folder / "last.pt" if (folder / "last.pt").is_file() else None
+    elif resume is not None:
+        file = _resume_file(resume)
+    else:
+        file = None
+    if file is None:
+        found = earlier_checkpoints(folder, set())
+        if found:
+            fix = (
+                "pass --resume auto to continue it, or another --out"
+                if resume is None
+                else "remove it or pass another --out"
+            )
+            raise FileExistsError(
+                f"{folder} holds an earlier run ({found}) that a fresh start would overwrite: "
+                f"{fix}"
+            )
+        return None
+    learn.load(file)
+    # The fit decides again (under torchrun, rank 0 for all) and loads it once more.
+    return "auto" if resume == "auto" else file
 
 
 def check_out(out: str) -> Path:
@@ -135,6 +205,16 @@ def check_out(out: str) -> Path:
     return folder
 
 
+def _resume_file(resume: str) -> Path:
+    """The checkpoint file `--resume PATH` names (a CheckpointCB folder: its last.pt)."""
+    from .checkpoint import checkpoint_path
+
+    try:
+        return checkpoint_path(resume)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--resume {resume}: {e}") from None
+
+
 def train(
     data: str = "digits",
     model: str = "cnn",
@@ -144,12 +224,20 @@ def train(
     out: str = "learnloop-run",
     threads: int | None = 1,
     seed: int = 0,
+    resume: str | None = None,
+    save_every_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row."""
+    """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row.
+
+    `resume` and `save_every_steps` are the command's `--resume` and `--save-every-steps` (see
+    `checkpoints`); a preemption signal raises `Preempted`.
+    """
     if is_main_process():  # the one process that writes there
         check_out(out)
     _setup(threads, seed)
-    return run(*build(data, model, lr, bs), epochs, out)
+    learn, net = build(data, model, lr, bs)
+    start = checkpoints(learn, out, resume, save_every_steps)
+    return run(learn, net, epochs, out, start)
 
 
 def _setup(threads: int | None, seed: int) -> None:
@@ -175,7 +263,25 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--lr must be a finite number > 0, got {args.lr}"
     if args.threads < 0:
         return f"--threads must be 0 (torch's default) or more, got {args.threads}"
+    if args.save_every_steps is not None and args.save_every_steps < 1:
+        return f"--save-every-steps must be at least 1, got {args.save_every_steps}"
     return None
+
+
+def _stopped(e: Preempted, args: argparse.Namespace) -> str:
+    """The one line that says a preemption signal stopped the run, and how to continue it."""
+    name = signal.Signals(e.signum).name
+    if e.checkpoint is None:
+        return (
+            f"learnloop: stopped by {name} at {e.where}; nothing was saved (--resume auto "
+            f"keeps checkpoints in {Path(args.out) / 'checkpoints'})"
+        )
+    again = (
+        "run the same command"
+        if args.resume == "auto"
+        else "run it again with --resume auto"
+    )
+    return f"learnloop: stopped by {name} at {e.where}; saved {e.checkpoint}: {again} to continue"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,6 +305,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch CPU threads (0: torch's default)"
     )
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="'auto': keep checkpoints in OUT/checkpoints and continue from its last.pt if "
+        "there is one (the same command starts and restarts a run); PATH: continue from that "
+        "checkpoint file or folder",
+    )
+    t.add_argument(
+        "--save-every-steps",
+        type=int,
+        metavar="N",
+        help="write OUT/checkpoints/last.pt every N training batches too (checkpoints go "
+        "there every epoch once this or --resume is given)",
+    )
     args = parser.parse_args(argv)
     problem = _check_args(args)
     if problem:
@@ -209,15 +329,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             is_main_process()
         ):  # before the data is loaded, long before the files are written
             check_out(args.out)
+        if args.resume not in (None, "auto"):
+            _resume_file(args.resume)  # before the data is loaded too
         _setup(args.threads or None, args.seed)
         learn, net = build(args.data, args.model, args.lr, args.bs)
+        start = checkpoints(learn, args.out, args.resume, args.save_every_steps)
     except (ValueError, KeyError, OSError) as e:
         print(
             f"learnloop: error: {e.args[0] if isinstance(e, KeyError) else e}",
             file=sys.stderr,
         )
         return 2
-    run(learn, net, args.epochs, args.out)
+    try:
+        run(learn, net, args.epochs, args.out, start)
+    except Preempted as e:
+        if is_main_process():
+            print(_stopped(e, args), file=sys.stderr)
+        return int(e.code)  # 128 + the signal, as if it had ended the process
     return 0
 
 
