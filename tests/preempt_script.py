@@ -1,6 +1,6 @@
 """A training process to preempt, for tests/test_preempt.py.
 
-    python preempt_script.py FOLDER [--resume auto]
+    python preempt_script.py FOLDER [--resume auto] [--workers N]
 
 `train(folder)` trains a dropout MLP on shuffled, slow data (each item takes 1 ms), logs to
 FOLDER/history.csv, keeps checkpoints in FOLDER/ckpt (every_steps=1000: only a preemption
@@ -64,14 +64,25 @@ class Started(Callback):
                 dl.dataset.delay *= 20
 
 
-def train(folder: Path, resume: str | None = None, delay: float = 0.001) -> Learner:
-    """Train N_EPOCHS epochs, logging and checkpointing into `folder`; save the weights at the end."""
+def train(
+    folder: Path, resume: str | None = None, delay: float = 0.001, workers: int = 0
+) -> Learner:
+    """Train N_EPOCHS epochs, logging and checkpointing into `folder`; save the weights at the end.
+
+    With `workers`, the training loader fetches in that many worker processes, each item taking
+    20 times longer (the marker's slow-down does not reach workers already started).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
     )
-    train_dl = DataLoader(SlowData(64, 0, delay), batch_size=8, shuffle=True)
+    train_dl = DataLoader(
+        SlowData(64, 0, delay * (20 if workers else 1)),
+        batch_size=8,
+        shuffle=True,
+        num_workers=workers,
+    )
     dls = DataLoaders(train_dl, DataLoader(SlowData(32, 1, delay), batch_size=16))
     learn = Learner(
         model,
@@ -95,9 +106,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train(args.folder, args.resume)
+    train(args.folder, args.resume, workers=args.workers)
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ SCRIPT = Path(__file__).with_name("preempt_script.py")
 SRC = str(Path(learnloop.__file__).parents[1])
 
 
-def start_script(folder: Path, *args: str) -> subprocess.Popen:
+def start_script(folder: Path, *args: str, session: bool = False) -> subprocess.Popen:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
@@ -378,6 +378,7 @@ def start_script(folder: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=session,  # its own process group, to signal as SLURM does
     )
 
 
@@ -432,3 +433,23 @@ def test_sigterm_to_a_training_process(tmp_path):
 
 def drop_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
+    """SLURM signals every process of a job: with DataLoader workers in the group too, the fit
+    still stops at a batch boundary, saves, and exits 143 (torch's workers die on a SIGTERM their
+    parent did not send, which failed the main process anywhere, a checkpoint write included)."""
+    run = tmp_path / "run"
+    proc = start_script(run, "--workers", "2", session=True)
+    marker = run / "started"
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None, finish(proc)
+        assert time.monotonic() < deadline, "the script never started training"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = finish(proc)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    position = read_checkpoint(run / "ckpt" / "last.pt")["position"]
+    assert position is not None and position["epoch"] == 1

@@ -54,7 +54,7 @@ from .events import (
     CancelFitException,
 )
 from .midepoch import fresh_iterator, hand_over, skip_batches
-from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals
+from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals, shield_workers
 from .rng import rng_state, set_rng_state
 from .types import PathLike, length
 
@@ -158,6 +158,7 @@ class Learner(CallbackHost):
         self._valid_rng: dict[str, Any] | None = None
         self._resume_at: dict[str, Any] | None = None
         self._signals: Any = None  # the preempt_signals record of the running fit
+        self._unshield: list[Callable[[], None]] = []  # undoes preempt.shield_workers
         self._check_loss = False  # set for each phase's first batch
         self._warned_empty: set[bool] = (
             set()
@@ -391,6 +392,8 @@ class Learner(CallbackHost):
             # Drop the last batch, its graph and activations: nothing should outlive the fit.
             self.batch = self.xb = self.yb = self.preds = self.loss = None
             self._train_done, self._resume_at, self.start_iter = None, None, 0
+            while self._unshield:  # the loaders' own worker_init_fn back
+                self._unshield.pop()()
             self.model.eval()  # ready for inference, as fastai leaves it
         stop = self._signals
         if stop is not None and stop.handled:
@@ -449,8 +452,12 @@ class Learner(CallbackHost):
     def _all_batches(self, dl: Iterable[Any]) -> None:
         self._check_loss = True  # the first batch's loss is checked
         start, loader = 0, dl
-        if self.training and self._signals is not None:  # a fit's training phase
-            dl, start = self._start_training(dl)
+        if self._signals is not None:  # inside a fit
+            undo = shield_workers(dl, self.preempt_signals)
+            if undo is not None:
+                self._unshield.append(undo)
+            if self.training:
+                dl, start = self._start_training(dl)
         i = start - 1
         stop = self._signals
         # Under torchrun the processes agree at each training batch (validation shards may

@@ -7,17 +7,33 @@ the signal; the loop reads the record at the next batch boundary, writes `last.p
 attached CheckpointCB, cancels the fit (every `after_fit` runs) and raises `Preempted`. The
 previous handlers are put back when the fit ends, and a signal that arrived too late for the
 loop to act on (after the last batch) is then delivered to them.
+
+SLURM signals every process of a job, DataLoader workers included, and a torch worker dies on a
+SIGTERM that its parent did not send; the main process then fails with "DataLoader worker ...
+killed by signal" wherever it is, a checkpoint write included. So the loaders a fit iterates get
+a `worker_init_fn` that makes their workers ignore the preemption signals (`shield_workers`):
+the main process stops them as it stops any epoch's workers.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_SIGNALS", "Preempted", "SignalRecord", "catch_signals"]
+from torch.utils.data import DataLoader
+
+__all__ = [
+    "DEFAULT_SIGNALS",
+    "IgnoreInWorkers",
+    "Preempted",
+    "SignalRecord",
+    "catch_signals",
+    "shield_workers",
+]
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -88,3 +104,40 @@ def catch_signals(signals: Iterable[int]) -> Iterator[SignalRecord]:
             signal.signal(sig, old)
         if record.signum is not None and not record.handled:
             signal.raise_signal(record.signum)
+
+
+class IgnoreInWorkers:
+    """A DataLoader `worker_init_fn`: the worker ignores `signals`, then runs the loader's own `init`."""
+
+    def __init__(
+        self, signals: tuple[int, ...], init: Callable[[int], None] | None
+    ) -> None:
+        self.signals, self.init = signals, init
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.init is not None:
+            self.init(worker_id)
+
+
+def shield_workers(dl: Any, signals: tuple[int, ...]) -> Callable[[], None] | None:
+    """Make the workers `dl` starts from now on ignore `signals`; returns what undoes it (None: nothing done).
+
+    Only a DataLoader with worker processes is changed, and only its `worker_init_fn`, which
+    torch runs in each worker after its own signal handlers are set.
+    """
+    if (
+        not signals
+        or not isinstance(dl, DataLoader)
+        or dl.num_workers == 0
+        or isinstance(dl.worker_init_fn, IgnoreInWorkers)
+    ):
+        return None
+    init = dl.worker_init_fn
+    dl.worker_init_fn = IgnoreInWorkers(tuple(signals), init)
+
+    def undo() -> None:
+        dl.worker_init_fn = init
+
+    return undo
