@@ -275,24 +275,12 @@ class Learner(CallbackHost):
                 "CheckpointCB(folder) to the Learner or to fit's cbs, or pass resume=<file>."
             )
         last = found[0].path / "last.pt"
-        # Rank 0 decides for all, so that every rank resumes or none does: under torchrun that
-        # takes the process group, which DistributedCB would otherwise start only at before_fit.
-        self._start_process_group()
+        # Rank 0 decides for all, so that every rank resumes or none does.
         if any_process(is_main_process() and last.is_file()):
             log.info("resume='auto': resuming from %s.", last)
             return last
         log.info("resume='auto': no %s yet, starting fresh.", last)
         return None
-
-    def _start_process_group(self) -> None:
-        """Start the attached DistributedCB's process group now, for the device DeviceCB will use."""
-        starters = [cb for cb in self.cbs if isinstance(cb, DistributedCB)]
-        if not starters:
-            return
-        placed = [cb.device for cb in self.cbs if isinstance(cb, DeviceCB)]
-        first = next(self.model.parameters(), None)
-        here = first.device if first is not None else torch.device("cpu")
-        starters[0].start_process_group(self, placed[0] if placed else here)
 
     def fit_one_cycle(
         self,

@@ -68,18 +68,10 @@ class DistributedCB(Callback):
         self._seed: int | None = None
         self._shards: dict[int, tuple[Any, DataLoader]] = {}
 
-    def _setup_process_group(
-        self, learn: Learner, device: torch.device | None = None
-    ) -> torch.device:
-        """Start the process group unless one runs; return the model's device (placed by DeviceCB).
-
-        `device`: where the model will be, for a process group started before DeviceCB placed it.
-        """
-        if device is None:
-            first = next(learn.model.parameters(), None)
-            device = first.device if first is not None else torch.device("cpu")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+    def _setup_process_group(self, learn: Learner) -> torch.device:
+        """Start the process group unless one runs; return the model's device (placed by DeviceCB)."""
+        first = next(learn.model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         if device.type == "cuda":
             # Collectives and `cuda` without an index now mean this GPU.
             torch.cuda.set_device(device)
@@ -101,14 +93,6 @@ class DistributedCB(Callback):
             world_size(),
         )
         return device
-
-    def start_process_group(self, learn: Learner, device: torch.device) -> None:
-        """Start the process group now, before `before_fit`, for a model that will be on `device`.
-
-        `fit(resume='auto')` needs it: rank 0 decides for every process whether to resume, and
-        the checkpoint is loaded, before the fit's first event.
-        """
-        self._setup_process_group(learn, device)
 
     def _shared_seed(self) -> int:
         """One shuffle seed for all ranks (rank 0's torch seed), so their shards never overlap."""
