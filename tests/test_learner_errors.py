@@ -9,6 +9,7 @@ from helpers import boom, make_data, make_dls
 from torch import nn
 from torch.utils.data import DataLoader
 
+import learnloop.learner as learner_module
 from learnloop import (
     Callback,
     CancelEpochException,
@@ -81,6 +82,22 @@ class TestErrorNotes:
         with pytest.raises(OSError, match="unreadable") as info:
             learn.fit(1)
         assert "raised by the training loader fetching batch 2 (epoch 0)" in notes(info)
+
+    def test_preemption_check_errors_are_not_the_loaders(self, monkeypatch):
+        """Under torchrun, an error as the processes agree on a preemption signal (a peer gone) is not blamed on the loader."""
+        learn = learner(default_cbs=False)
+        # Set after the Learner is built, so no DistributedCB is attached.
+        monkeypatch.setenv("WORLD_SIZE", "2")
+
+        def peer_gone(flag):
+            raise RuntimeError("Connection reset by peer")
+
+        monkeypatch.setattr(learner_module, "any_process", peer_gone)
+        with pytest.raises(RuntimeError, match="reset by peer") as info:
+            learn.fit(1)
+        assert notes(info) == (
+            "learnloop: raised checking for a preemption signal after epoch 0, training batch 0."
+        )
 
 
 class TestCancelAfterTheFit:

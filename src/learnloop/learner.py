@@ -472,7 +472,17 @@ class Learner(CallbackHost):
             for i, batch in enumerate(batches, start):
                 self._one_batch(i, batch)
                 if stop is not None and (stop.signum is not None or agree):
-                    self._check_preempted(stop, agree)
+                    try:
+                        self._check_preempted(stop, agree)
+                    except CancelException:
+                        raise
+                    except Exception as e:
+                        # Not the loader's: the processes' agreement, or the checkpoint it writes.
+                        add_note(
+                            e,
+                            f"learnloop: raised checking for a preemption signal after {self._where()}.",
+                        )
+                        raise
         except CancelException:
             raise
         except Exception as e:
