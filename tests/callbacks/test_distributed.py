@@ -34,6 +34,7 @@ from learnloop import (
     MetricsCB,
     ProgressCB,
 )
+from learnloop.callbacks.distributed import check_restart_store
 from learnloop.dist import (
     is_main_process,
     rank,
@@ -313,3 +314,25 @@ class TestShardLoader:
         """A loader it cannot shard is named, with the fix (give it a DistributedSampler)."""
         with pytest.raises(TypeError, match=f"{culprit}.*DistributedSampler yourself"):
             shard_loader(dl, training=True, num_replicas=2, rank=0)
+
+
+class TestRestartStoreWarning:
+    """torchrun restarts over the agent's shared store fail or hang (pytorch#135712): say how to avoid it."""
+
+    def _env(self, monkeypatch, shared: str, restarts: str) -> None:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+        monkeypatch.delenv("RANK", raising=False)
+
+    def test_restarts_over_a_shared_store_warn(self, monkeypatch):
+        self._env(monkeypatch, "True", "1")
+        with pytest.warns(UserWarning, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+            check_restart_store()
+
+    @pytest.mark.parametrize(("shared", "restarts"), [("False", "3"), ("True", "0")])
+    def test_no_warning_without_restarts_or_shared_store(
+        self, monkeypatch, recwarn, shared, restarts
+    ):
+        self._env(monkeypatch, shared, restarts)
+        check_restart_store()
+        assert not [w for w in recwarn if "135712" in str(w.message)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,27 @@ if TYPE_CHECKING:
 __all__ = ["DistributedCB"]
 
 log = logging.getLogger(__name__)
+
+
+def check_restart_store() -> None:
+    """Warn (rank 0) when torchrun restarts workers over the agent's shared store (pytorch#135712).
+
+    torchrun sets TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_MAX_RESTARTS for its workers. With
+    restarts allowed and the store shared, a restarted attempt can read the dead attempt's store
+    address and fail ("Gloo connectFullMesh failed ... Connection refused") or hang; measured here,
+    6 restarts in 10. The variable that avoids it is read by torchrun itself, before any worker
+    starts, so learnloop cannot set it: the launcher's environment must.
+    """
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and restarts.isdigit() and int(restarts) > 0 and rank() == 0:
+        warnings.warn(
+            f"torchrun may restart these workers (--max-restarts={restarts}) over its shared "
+            "store, and a restart then often fails with 'Gloo connectFullMesh failed' or hangs "
+            "(pytorch/pytorch#135712). Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+            "environment: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... .",
+            stacklevel=2,
+        )
 
 
 def _destroy_process_group() -> None:
@@ -84,6 +106,7 @@ class DistributedCB(Callback):
                 "or call torch.distributed.init_process_group() first."
             )
         backend = self.backend or ("nccl" if device.type == "cuda" else "gloo")
+        check_restart_store()
         dist.init_process_group(backend)
         atexit.register(_destroy_process_group)
         log.info(
