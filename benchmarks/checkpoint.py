@@ -17,8 +17,9 @@ every other callback, as CheckpointCB's writes are) times `save_checkpoint(learn
 same work split in two (`checkpoint_state(learn)`: capture and checks, then `atomic_save`:
 write, fsync, rename, fsync of the folder), and a bare `torch.save(checkpoint_state(learn),
 path)` of the same dict in the same folder, without and with an fsync of the file. Each timed
-write starts after `os.sync()`, so none waits on the previous one's writeback; the order of
-the four rotates from batch to batch. An untimed `save_checkpoint` at batch `--at` then writes
+write starts after `os.sync()`, so none waits on the previous one's writeback, and with no file
+of the folder in the page cache (see `SaveTimer._timed`); the order of the four rotates from
+batch to batch. An untimed `save_checkpoint` at batch `--at` then writes
 the `last.pt` that the resumes read.
 
 Resuming: from calling `learn.fit(1, resume=path)` on a fresh Learner (model built already) to
