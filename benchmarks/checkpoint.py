@@ -18,9 +18,10 @@ same work split in two (`checkpoint_state(learn)`: capture and checks, then `ato
 write, fsync, rename, fsync of the folder), and a bare `torch.save(checkpoint_state(learn),
 path)` of the same dict in the same folder, without and with an fsync of the file. Each timed
 write starts after `os.sync()`, so none waits on the previous one's writeback, and with no file
-of the folder in the page cache (see `SaveTimer._timed`); the order of the four rotates from
-batch to batch. An untimed `save_checkpoint` at batch `--at` then writes
-the `last.pt` that the resumes read.
+of the folder in the page cache (see `SaveTimer._timed`); the four go in a new random order at
+each batch (a rotation would keep each kind after the same other one, and what the previous
+write left behind shifted the next one's time). An untimed `save_checkpoint` at batch `--at`
+then writes the `last.pt` that the resumes read.
 
 Resuming: from calling `learn.fit(1, resume=path)` on a fresh Learner (model built already) to
 the first `before_batch` of the resumed epoch, against a bare `torch.load(path,
@@ -35,10 +36,11 @@ restart elsewhere would find it.
 
 One thread (`--threads`) for both sides: serializing and reading are single-threaded in torch,
 and copies of large tensors would otherwise split over the cores unevenly between runs. The
-disk matters more than anything here: the header names the filesystem the files go to. Reported
-figures are medians; on a shared machine single writes of the same file can differ 2-3x (other
-processes' CPU and disk use; on a VM, memory the host must hand back for the page cache), so
-raise `--repeats` there. All files are removed at the end.
+disk matters more than anything here: the header names the filesystem the files go to.
+Reported figures are medians, and the summary again with the fastest of the repeats: on a
+shared machine single writes of the same file can differ 2-4x (other processes' CPU and disk
+use; on a VM, memory the host must hand back for the page cache), so raise `--repeats` there.
+All files are removed at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import argparse
 import gc
 import io
 import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -72,7 +75,7 @@ from learnloop.checkpoint import checkpoint_state, save_checkpoint
 
 SIZES = {"tiny": (32, 2), "10M": (1024, 9), "100M": (2048, 24)}  # name: (width, depth)
 N_IN, N_OUT, BS = 32, 10, 8
-# One timed write of each kind per batch; the order rotates.
+# One timed write of each kind per batch, in a random order.
 KINDS = ("learnloop", "split", "torch.save", "torch.save+fsync")
 
 
@@ -141,6 +144,7 @@ class SaveTimer(Callback):
     def __init__(self, folder: Path, steps: int, at: int, repeats: int) -> None:
         self.folder, self.steps, self.at = folder, steps, at
         self.first = at - repeats  # the first timed batch
+        self.rng = random.Random(0)
         self.times: dict[str, list[float]] = {k: [] for k in KINDS}
         self.capture: list[float] = []
         self.write: list[float] = []
@@ -152,8 +156,7 @@ class SaveTimer(Callback):
     def after_batch(self, learn: Learner, iter: int, **kwargs: Any) -> None:
         if not learn.training or iter < self.first:
             return
-        j = (iter - self.first) % len(KINDS)
-        for kind in KINDS[j:] + KINDS[:j]:
+        for kind in self.rng.sample(KINDS, len(KINDS)):
             self._timed(learn, kind)
         if iter + 1 == self.at:
             # The file the resume reads: last.pt at batch `at`, whichever kind went last.
@@ -247,7 +250,7 @@ def fresh_loader_start(model: nn.Module, dls: DataLoaders) -> float:
 def time_saves(
     name: str, args: argparse.Namespace, folder: Path, dls: DataLoaders
 ) -> dict[str, float]:
-    """Median seconds of each kind of write at batches before `args.at`; leaves last.pt at `args.at`."""
+    """Median (and fastest) seconds of each kind of write before batch `args.at`; leaves last.pt there."""
     model = make_model(*SIZES[name])
     saver = SaveTimer(folder, args.steps, args.at, args.repeats)
     make_learner(model, dls, [saver]).fit(1)
@@ -257,6 +260,8 @@ def time_saves(
         "mb": (folder / "last.pt").stat().st_size / 1e6,
         "save": statistics.median(saver.times["learnloop"]),
         "torch_save": statistics.median(saver.times["torch.save"]),
+        "save_min": min(saver.times["learnloop"]),
+        "torch_save_min": min(saver.times["torch.save"]),
         "torch_fsync": statistics.median(saver.times["torch.save+fsync"]),
         "capture": statistics.median(saver.capture),
         "write": statistics.median(saver.write),
@@ -266,7 +271,7 @@ def time_saves(
 def time_resumes(
     name: str, args: argparse.Namespace, last: Path, dls: DataLoaders
 ) -> dict[str, float]:
-    """Median seconds of a resume to its next batch and of a bare load, alternating, and their parts."""
+    """Median (and fastest) seconds of a resume to its next batch and of a bare load, and the parts."""
     # A fresh model: every resumed fit and bare load overwrites its weights.
     model = make_model(*SIZES[name])
     resumes, loads, parts = [], [], []
@@ -285,6 +290,8 @@ def time_resumes(
     return {
         "resume": statistics.median(resumes),
         "load": statistics.median(loads),
+        "resume_min": min(resumes),
+        "load_min": min(loads),
         **{k: statistics.median(p[k] for p in parts) for k in parts[0]},
         "fresh_loader": statistics.median(fresh),
     }
@@ -323,19 +330,31 @@ def count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def summary_row(r: dict[str, Any], stat: str) -> str:
+    """A line of the summary table from the `stat` figures of `r` ('' medians, '_min' fastest)."""
+    save, torch_save = r["save" + stat], r["torch_save" + stat]
+    resume, load = r["resume" + stat], r["load" + stat]
+    return (
+        f"{r['model']:<6} {count(r['params']):>7} {r['mb']:>8.1f} {save * 1e3:>8.0f} "
+        f"{r['mb'] / save:>6.0f} {torch_save * 1e3:>14.0f} {save / torch_save:>6.2f} "
+        f"{resume * 1e3:>10.0f} {load * 1e3:>13.0f} {resume / load:>6.2f}"
+    )
+
+
 def print_tables(rows: list[dict[str, Any]], at: int) -> None:
-    """The summary table, then where the time goes (all times in ms)."""
+    """The summary table (medians, then the fastest), then where the time goes (medians, in ms)."""
     print(
         f"{'model':<6} {'params':>7} {'file MB':>8} {'save ms':>8} {'MB/s':>6} "
         f"{'torch.save ms':>14} {'ratio':>6} {'resume ms':>10} {'bare load ms':>13} {'ratio':>6}"
     )
     for r in rows:
-        print(
-            f"{r['model']:<6} {count(r['params']):>7} {r['mb']:>8.1f} {r['save'] * 1e3:>8.0f} "
-            f"{r['mb'] / r['save']:>6.0f} {r['torch_save'] * 1e3:>14.0f} "
-            f"{r['save'] / r['torch_save']:>6.2f} {r['resume'] * 1e3:>10.0f} "
-            f"{r['load'] * 1e3:>13.0f} {r['resume'] / r['load']:>6.2f}"
-        )
+        print(summary_row(r, ""))
+    print()
+    print(
+        "The fastest of the repeats (the floor, where the medians carry a shared machine's noise):"
+    )
+    for r in rows:
+        print(summary_row(r, "_min"))
     print()
     print(
         "Where the time goes (ms). Save: capture+checks, then the atomic write (torch.save, "
