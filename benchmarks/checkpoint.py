@@ -167,10 +167,11 @@ class SaveTimer(Callback):
         last, bare = self.folder / "last.pt", self.folder / "bare.pt"
         state = checkpoint_state(learn) if kind.startswith("torch") else None
         settle()
-        # Every write starts with no file of the folder cached. Else an atomic write after a
-        # bare one would need fresh memory for a second cached copy (last.pt stays cached until
-        # the rename), while one after an atomic write, or a bare overwrite, reuses the pages just
-        # freed: on this benchmark's VM the first kind took 2-4x as long, whatever the library.
+        # Every write starts with no file of the folder cached. Else an atomic write right after
+        # a bare one needs fresh memory for a second cached copy (the old last.pt stays cached
+        # until the rename), where one right after another atomic write, or a bare overwrite,
+        # reuses the pages just freed: on a VM that hands free memory back to its host, the
+        # first case took 2-4x as long.
         for file in self.folder.iterdir():
             evict(file)
         start = time.perf_counter()
