@@ -222,3 +222,32 @@ class TestCheckpointCBChecksFirst:
         assert batches == []
         assert "CheckpointCB.before_fit" in "\n".join(info.value.__notes__)
         assert list(tmp_path.iterdir()) == []
+
+
+class TestOptimizerCheckCost:
+    def test_optimizer_state_is_not_copied_to_check_it(self, tmp_path, monkeypatch):
+        """Loading checks the optimizer state with a trial load that shares its tensors: a copy of
+        Adam's moments would take as long as reading the file, and as much memory again."""
+        learn = Learner(
+            nn.Linear(4, 3), make_dls(), opt_func=torch.optim.AdamW, default_cbs=False
+        )
+        learn.fit(1)
+        learn.save(tmp_path / "ck.pt")
+        copied = []
+        original = torch.Tensor.__deepcopy__
+
+        def counting(self, memo):
+            copied.append(tuple(self.shape))
+            return original(self, memo)
+
+        monkeypatch.setattr(torch.Tensor, "__deepcopy__", counting)
+        fresh = Learner(
+            nn.Linear(4, 3), make_dls(), opt_func=torch.optim.AdamW, default_cbs=False
+        )
+        fresh.load(tmp_path / "ck.pt")
+        assert copied == []
+        for (k, a), b in zip(
+            learn.opt.state_dict()["state"].items(),
+            fresh.opt.state_dict()["state"].values(),
+        ):
+            assert all(torch.equal(a[n], b[n]) for n in a), k

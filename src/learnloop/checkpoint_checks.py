@@ -240,13 +240,28 @@ def check_optimizer(learn: Learner, path: Path, saved: Any) -> None:
         )
     trial = learn.opt_func(learn.model.parameters(), lr=learn.lr)
     _check_groups(path, learn.opt if learn.opt is not None else trial, groups)
+    # The containers are copied (load_state_dict may change them), the tensors shared: torch
+    # never changes them in place, and a copy would double the memory of Adam's moments (0.4 s
+    # and 800 MB for 100M parameters).
+    tensors = {id(t): t for t in _tensors(saved["state"])}
     try:
-        trial.load_state_dict(copy.deepcopy(saved))
+        trial.load_state_dict(copy.deepcopy(saved, tensors))
     except Exception as e:
         raise ValueError(
             f"{path}'s optimizer state does not load into {type(trial).__name__} "
             f"({type(e).__name__}: {e}); use the same opt_func as the saved fit."
         ) from e
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _check_groups(path: Path, opt: torch.optim.Optimizer, groups: list[dict]) -> None:
