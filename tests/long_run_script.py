@@ -3,7 +3,9 @@
 A small MLP with Dropout, SGD with momentum, shuffled data: `fit(epochs)` with a CheckpointCB in
 OUT/ck, optionally resumed (`--resume auto`), optionally broken on purpose: an exception on every
 rank at one batch (`--crash-at`), or rank 1 vanishing with os._exit(1) on torchrun's first attempt
-(`--die-at`). Each rank writes its pid to OUT/pid<rank>, where its fit starts to OUT/start<rank>.json
+(`--die-at`). `--rank-seeds` seeds each rank's torch RNG its own way (`100 + rank`) after the
+model is built; `--save-at` has rank 0 alone call `learn.save(OUT/rank0.pt)` after that training
+step (inside an epoch: the others go on training). Each rank writes its pid to OUT/pid<rank>, where its fit starts to OUT/start<rank>.json
 and where it ended to OUT/end<rank>.json (from after_fit, so a preempted fit records it too); rank 0 writes OUT/started
 after training step `--marker-step` and the final weights to OUT/weights.pt. `make_learner` is
 imported by the test for the single-process runs.
@@ -79,6 +81,21 @@ class Breaker(Callback):
             os._exit(1)
 
 
+class SaveOnRankZero(Callback):
+    """After training step `at`, rank 0 alone writes `out/rank0.pt` with `learn.save`, as a user's
+    `if is_main_process(): learn.save(path)` would: the other ranks do not wait for it."""
+
+    order = CheckpointCB.order + 1
+
+    def __init__(self, out: Path, at: int, bs: int) -> None:
+        self.out, self.at, self.bs = out, at, bs
+
+    def after_batch(self, learn, *args, **kwargs):
+        step = learn.epoch * steps_per_epoch(self.bs) + learn.iter + 1
+        if learn.training and step == self.at and rank() == 0:
+            learn.save(self.out / "rank0.pt")
+
+
 class Marks(Callback):
     """Every rank writes where its fit starts and ends; rank 0 writes `out/started` after step `marker_step`."""
 
@@ -145,6 +162,10 @@ def main() -> None:
     p.add_argument("--die-at", type=int, help="training step: rank 1 os._exit(1)s")
     p.add_argument("--delay", type=float, default=0.0, help="seconds per row fetched")
     p.add_argument("--marker-step", type=int)
+    p.add_argument("--rank-seeds", action="store_true", help="torch seed 100 + rank")
+    p.add_argument(
+        "--save-at", type=int, help="training step: rank 0 alone learn.save()s"
+    )
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -155,6 +176,8 @@ def main() -> None:
         cbs.append(Breaker(args.crash_at, "raise", args.bs))
     if args.die_at is not None:
         cbs.append(Breaker(args.die_at, "exit", args.bs))
+    if args.save_at is not None:
+        cbs.append(SaveOnRankZero(args.out, args.save_at, args.bs))
     learn = make_learner(
         args.out / "ck",
         bs=args.bs,
@@ -164,6 +187,8 @@ def main() -> None:
         delay=args.delay,
         cbs=tuple(cbs),
     )
+    if args.rank_seeds:  # each rank draws its own dropout masks
+        torch.manual_seed(100 + rank())
     learn.fit(args.epochs, resume=args.resume)
     if rank() == 0:
         torch.save(learn.model.state_dict(), args.out / "weights.pt")

@@ -92,7 +92,7 @@ class TestErrorNotes:
         def peer_gone(flag):
             raise RuntimeError("Connection reset by peer")
 
-        monkeypatch.setattr(learner_module, "any_process", peer_gone)
+        monkeypatch.setattr(learner_module, "agree_any", peer_gone)
         with pytest.raises(RuntimeError, match="reset by peer") as info:
             learn.fit(1)
         assert notes(info) == (

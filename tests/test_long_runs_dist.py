@@ -1,7 +1,9 @@
 """Long runs under torchrun (gloo on CPU): mid-epoch resume, an elastic restart, two "nodes",
 preemption, and a checkpoint resumed with another number of processes.
 
-Every run is a real `torchrun` of tests/long_run_script.py on free ports; the final weights rank 0
+Every run is a real `torchrun` of tests/long_run_script.py on free ports; the 2-process runs seed
+each rank's torch RNG its own way (`--rank-seeds`, so dropout differs between ranks and a resume
+must give each rank its own generators back), and the final weights rank 0
 saves are compared bitwise with an uninterrupted 2-process run (the two-node run with a
 single-process run, closely: DDP's average is not the big batch's sum bit for bit). Each launch
 costs a few seconds, most of it importing torch in every process.
@@ -35,6 +37,7 @@ SCRIPT = TESTS / "long_run_script.py"
 EPOCHS = 3
 STEPS = 13  # training batches per epoch on each of 2 processes: 100 rows, batches of 8
 TWO = ("--standalone", "--nproc-per-node=2")
+SEEDS = "--rank-seeds"  # torch.manual_seed(100 + rank) in each process
 
 
 def free_port() -> int:
@@ -124,15 +127,18 @@ def position(ck: Path) -> dict:
 def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final weights of 3 epochs on 2 processes, never stopped."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    run(out, ["--every-steps", "3"])
+    run(out, ["--every-steps", "3", SEEDS])
     return weights(out)
 
 
 @pytest.fixture(scope="module")
 def crashed(tmp_path_factory) -> Path:
-    """A 2-process run that raised on every rank at step 23 (epoch 1, batch 9); last.pt is from step 21."""
+    """A 2-process run that raised on every rank at step 23 (epoch 1, batch 9); last.pt is from step 21.
+
+    Rank 0 alone also wrote rank0.pt with `learn.save` after step 5, while rank 1 trained on.
+    """
     out = tmp_path_factory.mktemp("crashed")
-    run(out, ["--every-steps", "3", "--crash-at", "23"], rc=1)
+    run(out, ["--every-steps", "3", "--crash-at", "23", "--save-at", "5", SEEDS], rc=1)
     shutil.copy(out / "ck" / "last.pt", out / "step21.pt")
     return out
 
@@ -140,20 +146,39 @@ def crashed(tmp_path_factory) -> Path:
 class TestMidEpochResume:
     def test_crash_then_auto_resume_is_bitwise(self, crashed, uninterrupted):
         """After a crash mid-epoch, `fit(3, resume="auto")` on 2 processes ends with the weights of a run never stopped."""
-        at = position(crashed / "ck" / "last.pt")
+        ck = torch.load(crashed / "ck" / "last.pt", weights_only=True)
+        at = ck["position"]
         assert (at["epoch"], at["phase"], at["batches"]) == (1, "train", 8)
-        run(crashed, ["--every-steps", "3", "--resume", "auto"])
+        # Each rank's own generators, rank 0's also as `rng` (the ranks were seeded apart).
+        mine = [r["rng"]["torch"] for r in ck["rng_ranks"]]
+        assert len(mine) == 2 and not torch.equal(mine[0], mine[1])
+        assert torch.equal(mine[0], ck["rng"]["torch"])
+        run(crashed, ["--every-steps", "3", "--resume", "auto", SEEDS])
         for r in (0, 1):
             start = read_json(crashed / f"start{r}.json")
             assert start == {"epoch": 1, "iter": 8, "resumed": True}
         assert_bitwise(weights(crashed), uninterrupted)
+
+    def test_rank0_alone_saves_inside_an_epoch(self, crashed, tmp_path):
+        """`learn.save` on rank 0 alone mid-epoch does not wait for the others (the crashed run
+        ended, within finish's timeout); the file holds rank 0's own state and loads."""
+        ck = torch.load(crashed / "rank0.pt", weights_only=True)
+        assert (ck["position"]["epoch"], ck["position"]["batches"]) == (0, 5)
+        assert "rng_ranks" not in ck
+        # Rank 0's own loss sums: its 5 batches of 8 rows, not both processes' 80.
+        sums = ck["callbacks"]["MetricsCB"]["epoch"]
+        assert sums["rows"] + sum(sums["counts"]) == 40
+        learn = make_learner(tmp_path / "ck")
+        with pytest.warns(UserWarning, match="number of processes changed"):
+            learn.load(crashed / "rank0.pt")
+        assert learn.epochs_done == 1
 
 
 class TestElasticRestart:
     def test_restarted_group_resumes_bitwise(self, tmp_path, uninterrupted):
         """Rank 1 dies at step 17; torchrun --max-restarts=1 restarts both, which resume from step 16 to the same weights."""
         launcher = (*TWO, "--max-restarts=1")
-        args = ["--every-steps", "2", "--resume", "auto", "--die-at", "17"]
+        args = ["--every-steps", "2", "--resume", "auto", "--die-at", "17", SEEDS]
         logs = run(tmp_path, args, launcher)
         assert any(k.startswith("attempt_1/") for k in logs), sorted(logs)
         # The second attempt started inside epoch 1, after step 16 (3 batches into the epoch).
@@ -196,7 +221,7 @@ def preempt(out: Path, to_launcher: bool) -> dict:
     as SLURM sends it to every process of the job); check both stopped at one batch boundary with
     last.pt written there, quickly and without a timeout. Returns the checkpoint's position."""
     # 5 ms per row: about 45 ms per batch, so the signal lands early in epoch 0.
-    args = ["--every-steps", "1000", "--delay", "0.005", "--marker-step", "3"]
+    args = ["--every-steps", "1000", "--delay", "0.005", "--marker-step", "3", SEEDS]
     proc = start(out, args)
     deadline = time.monotonic() + 30
     while not (out / "started").exists() and proc.poll() is None:
@@ -224,7 +249,7 @@ class TestPreemption:
         """SIGTERM to rank 1 alone stops both ranks at one batch boundary with last.pt; resume='auto' then matches bitwise."""
         at = preempt(tmp_path, to_launcher=False)
         (tmp_path / "started").unlink()
-        run(tmp_path, ["--every-steps", "1000", "--resume", "auto"])
+        run(tmp_path, ["--every-steps", "1000", "--resume", "auto", SEEDS])
         assert read_json(tmp_path / "start1.json")["iter"] == at["batches"]
         assert_bitwise(weights(tmp_path), uninterrupted)
 

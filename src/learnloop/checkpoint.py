@@ -7,8 +7,16 @@ runs. It holds the model and optimizer states, the state of every attached callb
 epoch counters and the random number generators, which make a resumed fit reproduce the
 uninterrupted one bit for bit (see `learnloop.state`). A checkpoint written inside an epoch (a
 step checkpoint, a preemption) also holds the fit's `position` there and the gradients accumulated
-so far; a resumed fit continues at the next batch (see `learnloop.midepoch`). Under torchrun every
-rank holds the same state, so `save_checkpoint` writes on rank 0 only, and every rank loads.
+so far; a resumed fit continues at the next batch (see `learnloop.midepoch`).
+
+Under torchrun rank 0 writes and every rank loads. A CheckpointCB checkpoint (`save_checkpoint`
+with `every_rank=True`) is captured by every rank at the same point: it holds the loss sums and
+accumulated gradients of all processes, and each rank's random number generators as `rng_ranks`
+(one entry per rank: its current states, its epoch's start and its validation's start), so a
+script that seeds each rank its own way resumes exactly; on loading with the same number of
+processes each rank gets its own entry back, with another number every rank gets rank 0's.
+`learn.save` captures on rank 0 alone, with no collective (safe behind `is_main_process()`,
+inside an epoch too): its file holds rank 0's own state and RNGs only, which every rank loads.
 
 What is guaranteed:
 
@@ -47,9 +55,10 @@ import torch
 
 from .atomic import atomic_save
 from .checkpoint_checks import check_model, check_optimizer, weights_only_safe
-from .dist import is_distributed, is_main_process, world_size
+from .dist import every_rank as capture_on_every_rank
+from .dist import is_distributed, is_main_process, rank, world_size
 from .midepoch import can_skip, loader_signature, signature_differences
-from .state import capture, check_state, restore, unwrap_model
+from .state import capture, check_state, restore, unwrap_model, use_own_rng
 from .types import PathLike
 
 if TYPE_CHECKING:
@@ -111,18 +120,29 @@ def checkpoint_state(learn: Learner, epochs_done: int | None = None) -> dict[str
 
 
 def save_checkpoint(
-    learn: Learner, path: PathLike, epochs_done: int | None = None
+    learn: Learner,
+    path: PathLike,
+    epochs_done: int | None = None,
+    every_rank: bool = False,
 ) -> Path:
     """Write the checkpoint of `learn` to `path` atomically; returns the path.
 
     `epochs_done` is the epoch a resumed fit starts from; it defaults to `learn.epochs_done`, the
     epochs finished so far (an epoch counts once its phases ran, so from `after_epoch` too).
+
+    Under torchrun rank 0 writes. With `every_rank=True` every process must call this at the
+    same point (CheckpointCB does): each captures, the loss sums and accumulated gradients are
+    combined over processes and each rank's RNG states go into the file. With False (as
+    `learn.save`), rank 0 alone captures its own state, with no collective, so
+    `if is_main_process(): learn.save(path)` is safe anywhere; other ranks do nothing.
     """
-    # Under torchrun every rank holds the same state: rank 0 writes it. Inside an epoch every
-    # rank captures too: the loss sums and accumulated gradients are summed over processes.
+    if every_rank and is_distributed():
+        with capture_on_every_rank():
+            if not is_main_process():
+                capture(learn)  # its part of the collectives; rank 0 writes
+                return Path(path)
+            return atomic_save(checkpoint_state(learn, epochs_done), path)
     if not is_main_process():
-        if is_distributed() and getattr(learn, "_train_done", None) is not None:
-            capture(learn)
         return Path(path)
     return atomic_save(checkpoint_state(learn, epochs_done), path)
 
@@ -224,6 +244,7 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
     check_model(file, unwrap_model(learn.model), ck["model"])
     if ck.get("position") is not None:
         _settle_position(file, ck, learn.dls.train)
+    use_own_rng(ck, rank(), world_size())
     if ck["optimizer"] is not None:
         check_optimizer(learn, file, ck["optimizer"])
     try:

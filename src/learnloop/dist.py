@@ -15,7 +15,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -33,8 +35,11 @@ __all__ = [
     "agree_any",
     "any_process",
     "barrier",
+    "capturing_on_every_rank",
     "distributed_sampler",
+    "every_rank",
     "gather_in_order",
+    "gather_objects",
     "has_process_group",
     "is_distributed",
     "is_main_process",
@@ -121,6 +126,16 @@ def any_process(flag: bool) -> bool:
 _HOST_GROUPS: dict[int, Any] = {}
 
 
+def _host_group() -> Any:
+    """The group for host-side collectives: None (the default group) under gloo, else a gloo group made once."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)  # untested here: no GPU in CI
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
 def agree_any(flag: bool) -> bool:
     """`any_process(flag)` for a flag checked at every step: reduced on the host, never on a GPU.
 
@@ -129,15 +144,46 @@ def agree_any(flag: bool) -> bool:
     """
     if not is_distributed():
         return flag
-    group = None
-    if dist.get_backend() != "gloo":  # untested here: no GPU in CI
-        key = id(dist.group.WORLD)
-        if key not in _HOST_GROUPS:
-            _HOST_GROUPS[key] = dist.new_group(backend="gloo")
-        group = _HOST_GROUPS[key]
     t = torch.tensor([int(flag)])
-    dist.all_reduce(t, group=group)
+    dist.all_reduce(t, group=_host_group())
     return bool(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order, on every rank (`[obj]` outside a process group); every rank must call it.
+
+    For small host-side values (RNG states): they travel pickled through a gloo group, never a GPU.
+    """
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_host_group())
+    return out
+
+
+# Set by `every_rank()`: the capture under way is made by every process at the same point.
+_EVERY_RANK: ContextVar[bool] = ContextVar("learnloop_every_rank", default=False)
+
+
+@contextmanager
+def every_rank() -> Iterator[None]:
+    """Mark what runs inside as a capture that every process makes at the same point (a batch boundary).
+
+    Only inside it may a capture use collectives: MetricsCB sums its loss over processes, the
+    accumulated gradients are averaged, and each rank's RNG states are gathered to rank 0. A
+    capture outside it (`learn.save` on rank 0 alone, say) stays local to its process and
+    cannot wait for the others.
+    """
+    token = _EVERY_RANK.set(True)
+    try:
+        yield
+    finally:
+        _EVERY_RANK.reset(token)
+
+
+def capturing_on_every_rank() -> bool:
+    """True inside `every_rank()` while a process group of more than one process runs."""
+    return _EVERY_RANK.get() and is_distributed()
 
 
 # ------------------------------------------------------------------------------ sharded loaders

@@ -636,7 +636,12 @@ class Learner(CallbackHost):
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: PathLike) -> Learner:
-        """Write a checkpoint (model, optimizer, callback states, counters, RNG states) atomically to `path`."""
+        """Write a checkpoint (model, optimizer, callback states, counters, RNG states) atomically to `path`.
+
+        Under torchrun rank 0 writes its own state, with no collective, so a call on rank 0 alone
+        (`if is_main_process(): learn.save(path)`) is safe, inside an epoch too; CheckpointCB's
+        files also hold every rank's RNG states and loss sums (see `checkpoint.save_checkpoint`).
+        """
         save_checkpoint(self, path)
         return self
 

@@ -5,7 +5,10 @@ values only (so a checkpoint of it loads with `torch.load(weights_only=True)`): 
 optimizer states, the state of every attached callback that has `state_dict()` and
 `load_state_dict(state)`, the counters, and the random number generators (python, numpy, torch,
 cuda, and the train loader's own generators, which fix its shuffling order). Inside an epoch it
-adds the fit's `position` (see `learnloop.midepoch`) and the gradients accumulated so far.
+adds the fit's `position` (see `learnloop.midepoch`) and the gradients accumulated so far. Under
+torchrun a capture is local to its process unless made inside `dist.every_rank()` (every rank at
+the same point): then the gradients are averaged over processes and every rank's RNG states are
+gathered as `rng_ranks`, which `use_own_rng` hands back to each rank on loading.
 `restore(learn, state)` puts all of it back, or changes nothing: it first checks the counters (ints
 >= 0, a finite positive lr), the callbacks section (a dict keyed by str) and every RNG state (its
 structure and sizes, by applying it to a fresh generator of the same kind, the global ones
@@ -23,7 +26,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .dist import is_distributed, sum_across_processes, world_size
+from .dist import (
+    capturing_on_every_rank,
+    gather_objects,
+    sum_across_processes,
+    world_size,
+)
 from .errors import check_lr
 from .rng import check_rng_state, rng_state, set_rng_state
 
@@ -37,6 +45,7 @@ __all__ = [
     "restore",
     "stateful_callbacks",
     "unwrap_model",
+    "use_own_rng",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,8 +102,22 @@ def capture(learn: Learner, clone: bool = False) -> dict[str, Any]:
         "rng": rng_state(learn.dls.train),
     }
     position = learn._position() if hasattr(learn, "_position") else None
+    rng_ranks = None
+    if capturing_on_every_rank():
+        # Each process draws from its own generators (a script may seed each rank its own way):
+        # all of them go into the checkpoint, for every rank to get its own back.
+        in_epoch = position is not None
+        rng_ranks = gather_objects(
+            {
+                "rng": state["rng"],
+                "epoch_rng": position["rng"] if in_epoch else None,
+                "valid_rng": position["valid_rng"] if in_epoch else None,
+            }
+        )
     if position is not None:
         _add_position(learn, state, position)
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     return copy.deepcopy(state) if clone else state
 
 
@@ -112,11 +135,12 @@ def _add_position(
         state["rng"] = valid_rng
     position["loader"] = loader_signature(learn.dls.train, world_size())
     state["position"] = position
-    # Gradients accumulated without a step yet (GradAccumCB mid-group); averaged over processes,
-    # which the next step's all-reduce would have done.
+    # Gradients accumulated without a step yet (GradAccumCB mid-group); in a capture every rank
+    # makes, averaged over processes, which the next step's all-reduce would have done; else this
+    # process's own.
     params = unwrap_model(learn.model).named_parameters()
     grads = {n: p.grad.detach() for n, p in params if p.grad is not None}
-    if is_distributed():
+    if capturing_on_every_rank():
         n = world_size()
         grads = {k: sum_across_processes(g).to(g.dtype) / n for k, g in grads.items()}
     if grads:
@@ -156,6 +180,8 @@ def check_state(state: dict[str, Any], train_dl: Any = None) -> None:
     check_rng_state(state.get("rng"), train_dl)
     if state.get("position") is not None:
         _check_position(state["position"], state.get("epochs_done"), train_dl)
+    if "rng_ranks" in state:
+        _check_rng_ranks(state["rng_ranks"], state.get("position"), train_dl)
 
 
 def _check_position(position: Any, epochs_done: Any, train_dl: Any) -> None:
@@ -179,6 +205,72 @@ def _check_position(position: Any, epochs_done: Any, train_dl: Any) -> None:
         check_rng_state(position["rng"], train_dl)
     except ValueError as e:
         raise ValueError(f"'position': the epoch's {e}") from e
+
+
+_RANK_KEYS = ("rng", "epoch_rng", "valid_rng")
+
+
+def _check_rng_ranks(ranks: Any, position: Any, train_dl: Any) -> None:
+    """ValueError unless `ranks` holds, for each process, the RNG states `use_own_rng` applies."""
+    if not isinstance(ranks, list) or not ranks:
+        got = (
+            "an empty list" if isinstance(ranks, list) else f"a {type(ranks).__name__}"
+        )
+        raise ValueError(
+            f"'rng_ranks' is {got}, expected a list with one dict of RNG states per process."
+        )
+    phase = position["phase"] if position is not None else None
+    # Which states an entry holds: the epoch's start inside an epoch, validation's in validation.
+    needed = {
+        "rng": True,
+        "epoch_rng": phase is not None,
+        "valid_rng": phase == "valid",
+    }
+    where_in = {
+        None: "between epochs",
+        "train": "in training",
+        "valid": "in validation",
+    }[phase]
+    for i, entry in enumerate(ranks):
+        where = f"'rng_ranks'[{i}]"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(_RANK_KEYS):
+            got = (
+                f"a dict with keys {sorted(map(str, entry))[:5]}"
+                if isinstance(entry, dict)
+                else f"a {type(entry).__name__}"
+            )
+            raise ValueError(
+                f"{where} is {got}, expected a dict with 'rng', 'epoch_rng' and 'valid_rng'."
+            )
+        for key in _RANK_KEYS:
+            if (entry[key] is not None) != needed[key]:
+                expected = "RNG states" if needed[key] else "None"
+                raise ValueError(
+                    f"{where}[{key!r}] is {'None' if entry[key] is None else 'RNG states'}, "
+                    f"expected {expected} for a checkpoint written {where_in}."
+                )
+            if entry[key] is not None:
+                try:
+                    check_rng_state(entry[key], train_dl)
+                except ValueError as e:
+                    raise ValueError(f"{where}[{key!r}]: {e}") from e
+
+
+def use_own_rng(state: dict[str, Any], rank: int, world: int) -> None:
+    """Put process `rank`'s RNG states from `state['rng_ranks']` in place of rank 0's (`rng`, the position's).
+
+    Only where the checkpoint was written by `world` processes; else (or in a checkpoint without
+    `rng_ranks`) every process keeps rank 0's. `state` must have passed `check_state`; its
+    `rng_ranks` is removed (so a position dropped since, see `checkpoint.load_checkpoint`, does
+    not leave entries that no longer match it).
+    """
+    ranks = state.pop("rng_ranks", None)
+    if ranks is None or len(ranks) != world:
+        return
+    own = ranks[rank]
+    state["rng"] = own["valid_rng"] if own["valid_rng"] is not None else own["rng"]
+    if state.get("position") is not None:
+        state["position"] = {**state["position"], "rng": own["epoch_rng"]}
 
 
 def _positive_number(x: Any) -> bool:

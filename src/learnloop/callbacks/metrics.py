@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..dist import is_distributed, rank, sum_across_processes
+from ..dist import (
+    capturing_on_every_rank,
+    is_distributed,
+    rank,
+    sum_across_processes,
+)
 from ..tensors import stack_scalars, to_plain
 from .core import ORDERS, Callback
 
@@ -107,8 +112,11 @@ class MetricsCB(Callback):
 
     Its state (`state_dict`) is the history and, inside an epoch, the row so far and the open
     training phase's sums, so a fit resumed from a checkpoint has every row of the run in
-    `.history`, and one resumed mid-epoch ends the epoch with the row an uninterrupted run has
-    (under torchrun: the sums of all processes, carried by rank 0).
+    `.history`, and one resumed mid-epoch ends the epoch with the row an uninterrupted run has.
+    Under torchrun a checkpoint every rank writes (CheckpointCB's, inside `dist.every_rank()`)
+    carries the sums of all processes, loaded by rank 0; one that rank 0 writes alone
+    (`learn.save` from a hook on rank 0) carries rank 0's own sums, so the resumed epoch's
+    `train_loss` counts only rank 0's share of the batches before the save.
 
     Example:
         >>> learn = Learner(model, dls, cbs=[MetricsCB(Accuracy(), f1=F1Score())])  # doctest: +SKIP
@@ -275,8 +283,9 @@ class MetricsCB(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The rows so far; inside an epoch also its row and the open training phase's sums.
 
-        Under torch.distributed every process must call it at the same batch (checkpoints do):
-        the sums are added up over processes.
+        Inside `dist.every_rank()` under torch.distributed every process must call it at the same
+        batch (CheckpointCB does): the sums are added up over processes. Elsewhere it is local,
+        with this process's own sums.
         """
         state: dict[str, Any] = {"history": [_plain_row(r) for r in self.history]}
         if self._epoch is None:
@@ -293,9 +302,9 @@ class MetricsCB(Callback):
         return state
 
     def _sums_state(self) -> dict[str, Any]:
-        """The open phase's sums as tensors: as they are on one process (so the resumed sums are
-        bitwise the same), folded and added up over processes under torch.distributed."""
-        if is_distributed():
+        """The open phase's sums as tensors: as they are on this process (so the resumed sums are
+        bitwise the same), or folded and added up over processes in a capture every rank makes."""
+        if capturing_on_every_rank():
             self._stack()
             total = torch.stack(self._sums).sum() if self._sums else torch.zeros(())
             return {
@@ -328,7 +337,7 @@ class MetricsCB(Callback):
             epoch["ran"],
         )
         self._elapsed, self._row = float(epoch["elapsed"]), dict(epoch["row"])
-        if epoch["phase"] == "train" and rank() == 0:  # rank 0 carries the sums of all
+        if epoch["phase"] == "train" and rank() == 0:  # rank 0 carries the saved sums
             self._losses = list(epoch["losses"].unbind())
             self._counts = [int(c) for c in epoch["counts"]]
             self._sums = list(epoch["sums"].unbind())

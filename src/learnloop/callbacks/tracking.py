@@ -2,7 +2,8 @@
 
 They read the epoch's row, `learn.epoch_log`, that MetricsCB builds, so they run after it
 (`ORDERS`); EarlyStoppingCB runs after the progress table too, so a stopped fit shows its last row.
-Under torchrun, checkpoints are written by rank 0 alone (see `checkpoint.save_checkpoint`).
+Under torchrun, every rank captures a checkpoint at the same point and rank 0 writes it (see
+`checkpoint.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ..checkpoint import checkpoint_state, save_checkpoint
-from ..dist import agree_any, is_main_process, world_size
+from ..dist import agree_any, is_distributed, is_main_process, world_size
 from ..errors import check_int
 from ..events import CancelFitException
 from ..runs import earlier_checkpoints, refuse_earlier_run
@@ -126,6 +127,12 @@ class CheckpointCB(_SkipsCancelledEpochs):
     exactly as if never stopped (see `learnloop.midepoch`). `best.pt` stays per epoch. A
     preemption signal (see `Learner.preempt_signals`) also writes `last.pt` at the batch boundary.
 
+    Under torchrun every rank reaches each write at the same point (the epoch's end, the same
+    batch, rank 0's clock and its monitored value deciding for all) and captures its part:
+    rank 0 writes the file, with the loss sums and accumulated gradients of every process and
+    each rank's random number generators, which each rank gets back on resume (with the same
+    number of processes), so per-rank seeds resume exactly too.
+
     Example:
         >>> learn.fit(4, cbs=[CheckpointCB("ckpt", monitor="valid_loss")])  # doctest: +SKIP
         >>> Learner(model, dls).fit(8, cbs=[CheckpointCB("ckpt")], resume="ckpt")  # doctest: +SKIP
@@ -208,7 +215,7 @@ class CheckpointCB(_SkipsCancelledEpochs):
         if self._best is not None and fresh:
             self._best.best = math.inf if self._best.mode == "min" else -math.inf
         # A state that could not be written (a callback holding a deque, say) fails now, not
-        # after the first epoch's training. Every process: a state may sum over them.
+        # after the first epoch's training. Local (no collective): every process checks its own.
         checkpoint_state(learn)
 
     def after_epoch(self, learn: Learner, epoch: int, **kwargs: Any) -> None:
@@ -219,8 +226,13 @@ class CheckpointCB(_SkipsCancelledEpochs):
             value = self._monitored(
                 learn, self._best.monitor, "CheckpointCB (monitor=None: last.pt only)"
             )
-            if value is not None and self._best.improved(value):
-                self._best.best = value
+            improved = value is not None and self._best.improved(value)
+            if is_distributed():
+                # Every rank must write best.pt, or none: rank 0's value decides (a metric that
+                # covers its own shard only differs between processes).
+                improved = agree_any(improved and is_main_process())
+            if improved:
+                self._best.best = value if value is not None else self._best.best
                 self._due = (last, True)
 
     def before_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
@@ -268,7 +280,8 @@ class CheckpointCB(_SkipsCancelledEpochs):
             )
 
     def _save(self, learn: Learner, name: str) -> Path:
-        path = save_checkpoint(learn, self.path / name)
+        # Every rank gets here at the same point (see the class docstring).
+        path = save_checkpoint(learn, self.path / name, every_rank=True)
         self._written.add(path.resolve())
         return path
 
