@@ -34,6 +34,7 @@ FLOORS: dict[str, int] = {
     "learnloop.runs": 1,
     "learnloop.callbacks": 2,  # the package and every other callback module
     "learnloop.learner": 3,
+    "learnloop.long_runs": 3,
     "learnloop.cli": 4,
     "learnloop": 4,
 }

@@ -9,7 +9,7 @@ from helpers import boom, make_data, make_dls
 from torch import nn
 from torch.utils.data import DataLoader
 
-import learnloop.learner as learner_module
+import learnloop.long_runs as long_runs_module
 from learnloop import (
     Callback,
     CancelEpochException,
@@ -92,7 +92,7 @@ class TestErrorNotes:
         def peer_gone(flag):
             raise RuntimeError("Connection reset by peer")
 
-        monkeypatch.setattr(learner_module, "agree_any", peer_gone)
+        monkeypatch.setattr(long_runs_module, "agree_any", peer_gone)
         with pytest.raises(RuntimeError, match="reset by peer") as info:
             learn.fit(1)
         assert notes(info) == (

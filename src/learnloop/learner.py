@@ -8,7 +8,6 @@ fires the events.
 from __future__ import annotations
 
 import logging
-import signal
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -25,16 +24,11 @@ from .callbacks.gather import GatherPredsCB
 from .callbacks.metrics import MetricsCB
 from .callbacks.progress import ProgressCB
 from .callbacks.recorder import Recorder
-from .callbacks.tracking import CheckpointCB
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .data.loaders import DataLoaders
 from .dispatch import CallbackHost, displaced
 from .dist import (
-    agree_any,
-    any_process,
     barrier,
-    is_distributed,
-    is_main_process,
     world_size,
 )
 from .errors import (
@@ -53,7 +47,8 @@ from .events import (
     CancelException,
     CancelFitException,
 )
-from .midepoch import fresh_iterator, hand_over, skip_batches
+from .long_runs import LongRuns
+from .midepoch import hand_over
 from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals, shield_workers
 from .rng import rng_state, set_rng_state
 from .types import PathLike, length
@@ -66,7 +61,7 @@ __all__ = ["Learner"]
 log = logging.getLogger(__name__)
 
 
-class Learner(CallbackHost):
+class Learner(LongRuns, CallbackHost):
     """Trains `model` on `dls` with `loss_func` and an optimizer made by `opt_func`.
 
     Device placement, metrics, the recorder and the progress bar are default callbacks
@@ -274,26 +269,6 @@ class Learner(CallbackHost):
             finally:
                 self._signals = None
 
-    def _auto_resume(self) -> Path | None:
-        """resume='auto': the attached CheckpointCB's last.pt if rank 0 sees one, else None (a fresh start)."""
-        found = [cb for cb in self.cbs if isinstance(cb, CheckpointCB)]
-        if not found:
-            raise ValueError(
-                "resume='auto' resumes from a CheckpointCB's last.pt, but none is attached: add "
-                "CheckpointCB(folder) to the Learner or to fit's cbs, or pass resume=<file>."
-            )
-        last = found[0].path / "last.pt"
-        exists = last.is_file()
-        if (
-            is_distributed()
-        ):  # rank 0 decides for all, so that every rank resumes or none does
-            exists = any_process(is_main_process() and exists)
-        if exists:
-            log.info("resume='auto': resuming from %s.", last)
-            return last
-        log.info("resume='auto': no %s yet, starting fresh.", last)
-        return None
-
     def fit_one_cycle(
         self,
         n_epochs: int,
@@ -496,69 +471,6 @@ class Learner(CallbackHost):
             raise
         if i < 0 and start == 0:
             self._warn_empty()
-
-    def _start_training(self, dl: Iterable[Any]) -> tuple[Iterable[Any], int]:
-        """The loader this epoch's training reads and its first batch: 0, or a resumed fit's next batch.
-
-        The RNG states at the loader's start are kept for mid-epoch checkpoints. A resumed fit
-        starts the loader again from the saved states, so the sampler draws the same order, and
-        skips the batches done in the sampler (`learnloop.midepoch`), fetching none of them.
-        """
-        at, self._resume_at = self._resume_at, None
-        if at is None:
-            self._epoch_start = {
-                "rng": rng_state(dl),
-                "fresh": fresh_iterator(dl),
-            }
-            self._train_done = 0
-            return dl, 0
-        self._epoch_start, self._train_done = at, at["batches"]
-
-        def at_start() -> None:
-            set_rng_state(at["rng"], dl)
-
-        def after_skip() -> None:
-            set_rng_state(at["now_rng"], dl)
-
-        if at["fresh"]:  # the iterator draws its worker seed before the sampler draws
-            at_start()
-            return skip_batches(dl, at["batches"], None, after_skip), at["batches"]  # type: ignore[arg-type]
-        return skip_batches(dl, at["batches"], at_start, after_skip), at["batches"]  # type: ignore[arg-type]
-
-    def _position(self) -> dict[str, Any] | None:
-        """Where the fit stands inside the epoch, for a checkpoint; None between epochs."""
-        if self._train_done is None or self._epoch_start is None:
-            return None
-        phase = "valid" if self._train_closed else "train"
-        return {
-            "epoch": self.epoch,
-            "phase": phase,
-            "batches": self._train_done,
-            "rng": self._epoch_start["rng"],
-            "fresh": self._epoch_start["fresh"],
-            "valid_rng": self._valid_rng if phase == "valid" else None,
-        }
-
-    def _check_preempted(self, stop: Any, agree: bool) -> None:
-        """At a batch boundary: stop the fit if a preemption signal arrived (on any process)."""
-        if agree:
-            # Every process stops at the same batch, or the others would wait in DDP's all-reduce.
-            if not agree_any(stop.signum is not None):
-                return
-            stop.signum = stop.signum or signal.SIGTERM
-        stop.handled = True
-        stop.where = self._where()
-        stop.checkpoint = None
-        for cb in self.cbs:
-            if isinstance(cb, CheckpointCB):
-                stop.checkpoint = cb.save_last(self)
-        if stop.checkpoint is None and is_main_process():
-            log.warning(
-                "%s arrived at %s, but no CheckpointCB is attached: nothing is saved.",
-                signal.Signals(stop.signum).name,
-                stop.where,
-            )
-        raise CancelFitException(f"preempted by {signal.Signals(stop.signum).name}")
 
     def _warn_empty(self) -> None:
         """Say once per fit that a phase's loader yielded no batch (its loss is then absent)."""
