@@ -50,7 +50,7 @@ from .events import (
 from .long_runs import LongRuns
 from .midepoch import hand_over
 from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals, shield_workers
-from .rng import rng_state, set_rng_state
+from .rng import RngSnapshot, set_rng_state
 from .types import PathLike, length
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class Learner(LongRuns, CallbackHost):
         self._train_done: int | None = None
         self._train_closed = False
         self._epoch_start: dict[str, Any] | None = None
-        self._valid_rng: dict[str, Any] | None = None
+        self._valid_rng: RngSnapshot | dict[str, Any] | None = None
         self._resume_at: dict[str, Any] | None = None
         self._signals: Any = None  # the preempt_signals record of the running fit
         self._unshield: list[Callable[[], None]] = []  # undoes preempt.shield_workers
@@ -403,10 +403,12 @@ class Learner(LongRuns, CallbackHost):
             self._one_phase(self.dls.train, training=True)
             self._train_closed = True
         if valid:
-            if (
-                self._train_done is not None
-            ):  # a checkpoint in validation reruns it from here
-                self._valid_rng = rng_state(self.dls.train)
+            # A checkpoint written in validation reruns it, from the RNG state it started with.
+            # Only a CheckpointCB writes there (a preemption); without one, a learn.save of
+            # yours there keeps the state of its moment, the same unless validation draws.
+            self._valid_rng = None
+            if self._train_done is not None and self._checkpointing():
+                self._valid_rng = RngSnapshot(self.dls.train)
             self._one_phase(self.dls.valid, training=False)
 
     def _one_phase(self, dl: Iterable[Any], training: bool) -> None:

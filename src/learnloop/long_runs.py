@@ -24,7 +24,7 @@ from .callbacks.tracking import CheckpointCB
 from .dist import agree_any, any_process, is_distributed, is_main_process
 from .events import CancelFitException
 from .midepoch import fresh_iterator, skip_batches
-from .rng import rng_state, set_rng_state
+from .rng import RngSnapshot, set_rng_state
 
 __all__ = ["LongRuns"]
 
@@ -41,10 +41,14 @@ class LongRuns:
     _epoch_start: dict[str, Any] | None
     _train_done: int | None
     _train_closed: bool
-    _valid_rng: dict[str, Any] | None
+    _valid_rng: RngSnapshot | dict[str, Any] | None
 
     def _where(self) -> str:  # Learner's: where the loop is, for messages
         raise NotImplementedError
+
+    def _checkpointing(self) -> bool:
+        """Whether a CheckpointCB is attached (it may write inside an epoch)."""
+        return any(isinstance(cb, CheckpointCB) for cb in self.cbs)
 
     def _auto_resume(self) -> Path | None:
         """resume='auto': the attached CheckpointCB's last.pt if rank 0 sees one, else None (a fresh start)."""
@@ -76,7 +80,7 @@ class LongRuns:
         at, self._resume_at = self._resume_at, None
         if at is None:
             self._epoch_start = {
-                "rng": rng_state(dl),
+                "rng": RngSnapshot(dl),
                 "fresh": fresh_iterator(dl),
             }
             self._train_done = 0
@@ -103,9 +107,9 @@ class LongRuns:
             "epoch": self.epoch,
             "phase": phase,
             "batches": self._train_done,
-            "rng": self._epoch_start["rng"],
+            "rng": _as_state(self._epoch_start["rng"]),
             "fresh": self._epoch_start["fresh"],
-            "valid_rng": self._valid_rng if phase == "valid" else None,
+            "valid_rng": _as_state(self._valid_rng) if phase == "valid" else None,
         }
 
     def _check_preempted(self, stop: Any, agree: bool) -> None:
@@ -128,3 +132,8 @@ class LongRuns:
                 stop.where,
             )
         raise CancelFitException(f"preempted by {signal.Signals(stop.signum).name}")
+
+
+def _as_state(rng: RngSnapshot | dict[str, Any] | None) -> dict[str, Any] | None:
+    """A snapshot taken in this fit as `rng_state`'s dict; a loaded state (a resumed fit's) as it is."""
+    return rng.state() if isinstance(rng, RngSnapshot) else rng

@@ -129,9 +129,8 @@ def _add_position(
 
     position = dict(position)
     valid_rng = position.pop("valid_rng")
-    if (
-        valid_rng is not None
-    ):  # validation runs again on resume, from its starting RNG state
+    # Validation runs again on resume, from its starting RNG state (see Learner._one_epoch).
+    if valid_rng is not None:
         state["rng"] = valid_rng
     position["loader"] = loader_signature(learn.dls.train, world_size())
     state["position"] = position
