@@ -473,3 +473,34 @@ class TestAllOrNothing:
             learn.load(path)
         after = self.snapshot(learn)
         assert [k for k in before if not self.same(before[k], after[k])] == []
+
+
+class TestFormatVersion:
+    def test_mid_epoch_checkpoints_are_version_2_epoch_ones_stay_1(self, tmp_path):
+        """An older learnloop would read a mid-epoch file as the epoch's start and train its first
+        batches twice: such files say version 2, which releases reading only 1 refuse."""
+        learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
+        learn.fit(2, cbs=[CheckpointCB(tmp_path, every_steps=4, monitor=None)])
+        # every_steps=4 over 6 batches an epoch: the last write was at batch 2 of epoch 1 (8 steps),
+        # then the fit's end wrote an epoch-level last.pt.
+        assert read_checkpoint(tmp_path / "last.pt")["version"] == 1
+
+        class Stop(Callback):
+            order = CheckpointCB.order + 1
+
+            def after_batch(self, learn, *args, **kwargs):
+                if learn.training and learn.iter == 3:
+                    raise RuntimeError("stop")
+
+        other = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
+        with pytest.raises(RuntimeError):
+            other.fit(
+                2,
+                cbs=[CheckpointCB(tmp_path / "b", every_steps=4, monitor=None), Stop()],
+            )
+        ck = read_checkpoint(tmp_path / "b" / "last.pt")
+        assert ck["version"] == 2 and ck["position"]["batches"] == 4
+        ck["version"] = 3
+        torch.save(ck, tmp_path / "future.pt")
+        with pytest.raises(ValueError, match="version 3.*upgrade learnloop"):
+            read_checkpoint(tmp_path / "future.pt")

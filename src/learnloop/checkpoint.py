@@ -74,7 +74,10 @@ __all__ = [
 ]
 
 FORMAT = "learnloop.checkpoint"
-VERSION = 1
+# The newest format this learnloop reads. A checkpoint written inside an epoch is version 2 (it
+# holds a position an older learnloop would ignore, resuming at the epoch's start with weights
+# from its middle); one written between epochs stays version 1, readable by older releases.
+VERSION = 2
 
 
 def checkpoint_path(path: PathLike) -> Path:
@@ -107,7 +110,7 @@ def checkpoint_state(learn: Learner, epochs_done: int | None = None) -> dict[str
     ck = weights_only_safe(
         {
             "format": FORMAT,
-            "version": VERSION,
+            "version": 2 if state.get("position") is not None else 1,
             "torch_version": str(torch.__version__),
             **state,
         }
