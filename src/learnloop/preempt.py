@@ -18,13 +18,14 @@ the main process stops them as it stops any epoch's workers.
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader
+
+from .signals import handlers_replaced
 
 __all__ = [
     "DEFAULT_SIGNALS",
@@ -88,20 +89,10 @@ def catch_signals(signals: Iterable[int]) -> Iterator[SignalRecord]:
     handler then (the default SIGTERM handler ends the process).
     """
     record = SignalRecord()
-    if threading.current_thread() is not threading.main_thread():
-        yield record
-        return
-    previous = {}
     try:
-        for sig in signals:
-            old = signal.getsignal(sig)
-            # None: a handler installed outside Python, which could not be put back.
-            if old is not None and old != signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, record)
-        yield record
+        with handlers_replaced(signals, record):
+            yield record
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
         if record.signum is not None and not record.handled:
             signal.raise_signal(record.signum)
 

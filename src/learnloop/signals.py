@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["HeldSignals", "defer_signals"]
+__all__ = ["HeldSignals", "defer_signals", "handlers_replaced"]
 
 
 class HeldSignals:
@@ -33,6 +34,31 @@ class HeldSignals:
 
 
 @contextmanager
+def handlers_replaced(
+    signals: Iterable[int], handler: Callable[[int, Any], None]
+) -> Iterator[None]:
+    """Let `handler` handle `signals` while the block runs, then put the previous handlers back.
+
+    Only the main thread can install handlers: elsewhere nothing changes. A signal that is
+    ignored (SIG_IGN) stays ignored, and one whose handler was installed outside Python (None,
+    which could not be put back) is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    try:
+        for sig in signals:
+            old = signal.getsignal(sig)
+            if old is not None and old != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
 def defer_signals(
     signals: Iterable[int] = (signal.SIGINT,),
 ) -> Iterator[HeldSignals]:
@@ -44,25 +70,14 @@ def defer_signals(
     block sees what arrived so far in the yielded `HeldSignals` (to stop early, say).
     """
     held = HeldSignals(tuple(signals))
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
 
     def record(signum: int, frame: object) -> None:
         held.received.append(signum)
 
-    previous = {}
     try:
-        for sig in held.signals:
-            old = signal.getsignal(sig)
-            # None: a handler installed outside Python, which could not be put back; SIG_IGN:
-            # nothing to deliver.
-            if old is not None and old != signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, record)
-        yield held
+        with handlers_replaced(held.signals, record):
+            yield held
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
         first: BaseException | None = None
         for sig in dict.fromkeys(held.received):
             # The restored handler runs before raise_signal returns (a KeyboardInterrupt for SIGINT).
