@@ -389,6 +389,15 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
         proc.kill()
 
 
+def wait_for_training(proc: subprocess.Popen, marker: Path) -> None:
+    """Wait until the script has written `marker` (training under way); fail if it died or stalled."""
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None, finish(proc)
+        assert time.monotonic() < deadline, "the script never started training"
+        time.sleep(0.01)
+
+
 def csv_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -400,12 +409,7 @@ def test_sigterm_to_a_training_process(tmp_path):
     proc = start_script(run)
     # The uninterrupted run, here while the process starts (no delay: the numbers do not depend on it).
     train(full, delay=0.0)
-    marker = run / "started"
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert proc.poll() is None, finish(proc)
-        assert time.monotonic() < deadline, "the script never started training"
-        time.sleep(0.01)
+    wait_for_training(proc, run / "started")
     proc.send_signal(signal.SIGTERM)
     _, err = finish(proc)
     assert proc.returncode == 143, err
@@ -441,15 +445,18 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
     parent did not send, which failed the main process anywhere, a checkpoint write included)."""
     run = tmp_path / "run"
     proc = start_script(run, "--workers", "2", session=True)
-    marker = run / "started"
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert proc.poll() is None, finish(proc)
-        assert time.monotonic() < deadline, "the script never started training"
-        time.sleep(0.01)
+    wait_for_training(proc, run / "started")
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = finish(proc)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "killed by signal" not in err, err
     position = read_checkpoint(run / "ckpt" / "last.pt")["position"]
     assert position is not None and position["epoch"] == 1
+    # And it resumes exactly, workers and all.
+    resumed = start_script(run, "--workers", "2", "--resume", "auto")
+    _, err = finish(resumed)
+    assert resumed.returncode == 0 and "Traceback" not in err, err
+    full = train(tmp_path / "full", delay=0.0, workers=2)
+    assert_same_weights(
+        torch.load(run / "final.pt", weights_only=True), full.model.state_dict()
+    )
