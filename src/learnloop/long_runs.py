@@ -93,10 +93,13 @@ class LongRuns:
         def after_skip() -> None:
             set_rng_state(at["now_rng"], dl)
 
-        if at["fresh"]:  # the iterator draws its worker seed before the sampler draws
+        # A new iterator draws its worker seed before the sampler draws its order, so the state
+        # goes back before the iterator is made; a reused one (persistent workers) draws only the
+        # order, so the state goes back as the sampler starts.
+        if at["fresh"]:
             at_start()
-            return skip_batches(dl, at["batches"], None, after_skip), at["batches"]  # type: ignore[arg-type]
-        return skip_batches(dl, at["batches"], at_start, after_skip), at["batches"]  # type: ignore[arg-type]
+        before = None if at["fresh"] else at_start
+        return skip_batches(dl, at["batches"], before, after_skip), at["batches"]  # type: ignore[arg-type]
 
     def _position(self) -> dict[str, Any] | None:
         """Where the fit stands inside the epoch, for a checkpoint; None between epochs."""

@@ -155,9 +155,9 @@ def loader_signature(dl: Any, world: int) -> dict[str, Any]:
     if isinstance(inner, DistributedSampler):
         shuffle = bool(inner.shuffle)
     else:
-        shuffle = "Random" in type(inner).__name__ or not (
-            "Sequential" in type(inner).__name__
-        )
+        shuffle = (
+            "Sequential" not in type(inner).__name__
+        )  # custom samplers count as shuffling
     drop = (
         dl.drop_last
         if dl.batch_size is not None

@@ -33,6 +33,7 @@ from .dist import (
     world_size,
 )
 from .errors import check_lr
+from .midepoch import loader_signature
 from .rng import check_rng_state, rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -125,8 +126,6 @@ def _add_position(
     learn: Learner, state: dict[str, Any], position: dict[str, Any]
 ) -> None:
     """A mid-epoch state: the position, the loader's signature, gradients accumulated so far."""
-    from .midepoch import loader_signature
-
     position = dict(position)
     valid_rng = position.pop("valid_rng")
     # Validation runs again on resume, from its starting RNG state (see Learner._one_epoch).

@@ -152,7 +152,7 @@ class MetricsCB(Callback):
         self._start = 0.0
         self._elapsed = 0.0
         self._row: dict[str, Any] = {}
-        self._loaded: dict[str, Any] | None = None
+        self._loaded = False  # a state was loaded since the last fit (load_state_dict)
         self._clear()
 
     def _clear(self) -> None:
@@ -164,10 +164,10 @@ class MetricsCB(Callback):
         self._rows = 0
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        loaded, self._loaded = self._loaded, None
+        loaded, self._loaded = self._loaded, False
         if learn.resumed_from is None:
             self.history = []
-        if learn.start_iter and loaded is not None:
+        if learn.start_iter and loaded:
             return  # the resumed epoch goes on with the loaded row and sums
         self._phase, self._epoch, self._ran = None, None, False
         self._clear()
@@ -325,7 +325,7 @@ class MetricsCB(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the rows (and the open epoch's row and sums) that `state_dict` saved."""
         self.history = [dict(r) for r in state.get("history", [])]
-        self._loaded = state
+        self._loaded = True
         epoch = state.get("epoch")
         self._clear()
         if epoch is None:
