@@ -23,6 +23,7 @@ FLOORS: dict[str, int] = {
     "learnloop.signals": 0,
     "learnloop.preempt": 0,
     "learnloop.midepoch": 0,
+    "learnloop.fsdp": 0,
     "learnloop.atomic": 0,
     "learnloop.tensors": 0,
     "learnloop.types": 0,
@@ -31,6 +32,7 @@ FLOORS: dict[str, int] = {
     "learnloop.dispatch": 1,
     "learnloop.checkpoint_checks": 1,
     "learnloop.checkpoint": 1,
+    "learnloop.sharded": 1,
     "learnloop.runs": 1,
     "learnloop.callbacks": 2,  # the package and every other callback module
     "learnloop.learner": 3,

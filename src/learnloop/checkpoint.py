@@ -57,6 +57,7 @@ from .atomic import atomic_save
 from .checkpoint_checks import check_model, check_optimizer, weights_only_safe
 from .dist import every_rank as capture_on_every_rank
 from .dist import is_distributed, is_main_process, rank, world_size
+from .fsdp import is_sharded
 from .midepoch import can_skip, loader_signature, signature_differences
 from .state import capture, check_state, restore, unwrap_model, use_own_rng
 from .types import PathLike
@@ -68,9 +69,11 @@ __all__ = [
     "atomic_save",
     "checkpoint_path",
     "checkpoint_state",
+    "latest_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
+    "settle_position",
 ]
 
 FORMAT = "learnloop.checkpoint"
@@ -81,15 +84,24 @@ VERSION = 2
 
 
 def checkpoint_path(path: PathLike) -> Path:
-    """`path` itself for a file, `path/last.pt` for a CheckpointCB folder."""
+    """`path` itself for a file or a sharded checkpoint folder; for a CheckpointCB folder its newest `last`.
+
+    The newest `last` is `last.pt`, or the newest complete sharded `last-NNNNNN` folder (FSDP),
+    whichever was written later.
+    """
     path = Path(path)
     if path.is_dir():
-        last = path / "last.pt"
-        if not last.is_file():
-            raise FileNotFoundError(
-                f"{path} is a folder without last.pt: pass a checkpoint file or a CheckpointCB folder."
-            )
-        return last
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+        from .sharded import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path):
+            return path
+        raise FileNotFoundError(
+            f"{path} is a folder without last.pt (or a sharded last-NNNNNN folder): pass a "
+            "checkpoint file or a CheckpointCB folder."
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"No checkpoint at {path}: pass a file written by learn.save or a CheckpointCB folder."
@@ -97,13 +109,31 @@ def checkpoint_path(path: PathLike) -> Path:
     return path
 
 
-def checkpoint_state(learn: Learner, epochs_done: int | None = None) -> dict[str, Any]:
+def latest_checkpoint(folder: PathLike) -> Path | None:
+    """The newest `last` checkpoint CheckpointCB wrote in `folder` (file or sharded folder), else None."""
+    from .sharded import sharded_folders
+
+    folder = Path(folder)
+    found = [p for p in [folder / "last.pt"] if p.is_file()]
+    found += sharded_folders(folder, "last")[-1:]
+    if not found:
+        return None
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def checkpoint_state(
+    learn: Learner, epochs_done: int | None = None, weights: bool = True
+) -> dict[str, Any]:
     """The checkpoint of `learn` as a dict; `epochs_done` defaults to `learn.epochs_done`.
+
+    `weights=False` leaves the model and optimizer out (None): a sharded checkpoint writes them
+    with DCP beside this dict. They are left out of a sharded (FSDP2) model's always.
 
     Raises TypeError for a value that `torch.load(weights_only=True)` could not load back (numpy
     values are converted), ValueError for counters or RNG states that loading would refuse.
     """
-    state = capture(learn)
+    weights = weights and not is_sharded(unwrap_model(learn.model))
+    state = capture(learn, weights=weights)
     if epochs_done is not None:
         state["epochs_done"] = epochs_done
     # TorchVersion is not a weights_only type.
@@ -138,7 +168,15 @@ def save_checkpoint(
     combined over processes and each rank's RNG states go into the file. With False (as
     `learn.save`), rank 0 alone captures its own state, with no collective, so
     `if is_main_process(): learn.save(path)` is safe anywhere; other ranks do nothing.
+
+    An FSDP2 model (see `DistributedCB(strategy="fsdp")`) is written as a sharded checkpoint
+    folder at `path` instead, by every process, which must all call this at once
+    (`learnloop.sharded.save_sharded`).
     """
+    if is_sharded(unwrap_model(learn.model)):
+        from .sharded import save_sharded
+
+        return save_sharded(learn, path, None, epochs_done)
     if every_rank and is_distributed():
         with capture_on_every_rank():
             if not is_main_process():
@@ -237,6 +275,10 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
     ValueError and leaves `learn` as it was. Creates the optimizer if the learner has none yet.
     """
     file = checkpoint_path(path)
+    if file.is_dir():
+        from .sharded import load_sharded
+
+        return load_sharded(learn, file)
     ck = read_checkpoint(file)
     try:
         check_state(ck, learn.dls.train)
@@ -246,7 +288,7 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
         ) from e.__cause__
     check_model(file, unwrap_model(learn.model), ck["model"])
     if ck.get("position") is not None:
-        _settle_position(file, ck, learn.dls.train)
+        settle_position(file, ck, learn.dls.train)
     use_own_rng(ck, rank(), world_size())
     if ck["optimizer"] is not None:
         check_optimizer(learn, file, ck["optimizer"])
@@ -257,7 +299,7 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
     return ck
 
 
-def _settle_position(file: Path, ck: dict[str, Any], train_dl: Any) -> None:
+def settle_position(file: Path, ck: dict[str, Any], train_dl: Any) -> None:
     """Refuse a mid-epoch checkpoint from other data; make it resume at the next epoch where exactness is impossible."""
     position = ck["position"]
     epoch, done = position["epoch"], position["batches"]

@@ -241,6 +241,7 @@ class Learner(LongRuns, CallbackHost):
         if train:
             check_not_empty(self.dls.train, "train")
         with self._attached(list(cbs or [])):
+            self._prepare_model()
             if isinstance(resume, str) and resume == "auto":
                 resume = self._auto_resume()
             start = 0
@@ -318,8 +319,15 @@ class Learner(LongRuns, CallbackHost):
                 f"suggest={suggest!r} is not a method; choose one of {sorted(SUGGESTERS)}."
             )
         finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+        self._prepare_model()  # the sweep's snapshot is of the model as fit will train it
         run_sweep(self, finder, list(cbs or []))
         return finder.result(suggest)
+
+    def _prepare_model(self) -> None:
+        """Let DistributedCB shard the model (strategy 'fsdp') before an optimizer or a load uses it."""
+        for cb in self.cbs:
+            if isinstance(cb, DistributedCB):
+                cb.prepare(self)
 
     def _prepare_opt(self, lr: float | None) -> None:
         if lr is not None:
@@ -555,12 +563,19 @@ class Learner(LongRuns, CallbackHost):
         Under torchrun rank 0 writes its own state, with no collective, so a call on rank 0 alone
         (`if is_main_process(): learn.save(path)`) is safe, inside an epoch too; CheckpointCB's
         files also hold every rank's RNG states and loss sums (see `checkpoint.save_checkpoint`).
+        A model sharded with `DistributedCB(strategy="fsdp")` is saved as a sharded checkpoint
+        folder at `path` instead, by every process: call it on all of them.
         """
         save_checkpoint(self, path)
         return self
 
     def load(self, path: PathLike) -> Learner:
-        """Restore everything `save` wrote; a bad file raises ValueError and changes nothing."""
+        """Restore everything `save` wrote; a bad file raises ValueError and changes nothing.
+
+        Under `DistributedCB(strategy="fsdp")` every process must call it: the model is sharded
+        first, then a sharded folder or a plain file loads into the shards.
+        """
+        self._prepare_model()
         load_checkpoint(self, path)
         return self
 

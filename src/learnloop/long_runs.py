@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .callbacks.tracking import CheckpointCB
+from .callbacks.tracking import CheckpointCB, holds_unsynced_grads
+from .checkpoint import latest_checkpoint
 from .dist import agree_any, any_process, is_distributed, is_main_process
 from .events import CancelFitException
 from .midepoch import fresh_iterator, skip_batches
@@ -58,16 +59,18 @@ class LongRuns:
                 "resume='auto' resumes from a CheckpointCB's last.pt, but none is attached: add "
                 "CheckpointCB(folder) to the Learner or to fit's cbs, or pass resume=<file>."
             )
-        last = found[0].path / "last.pt"
-        exists = last.is_file()
+        last = latest_checkpoint(found[0].path)
+        exists = last is not None
         # Rank 0 decides for all once a process group runs, so that every rank resumes or none
         # does; before (a fresh torchrun process), each rank looks itself.
         if is_distributed():
             exists = any_process(is_main_process() and exists)
         if exists:
-            log.info("resume='auto': resuming from %s.", last)
-            return last
-        log.info("resume='auto': no %s yet, starting fresh.", last)
+            log.info("resume='auto': resuming from %s.", last or found[0].path)
+            return last or found[0].path
+        log.info(
+            "resume='auto': no checkpoint in %s yet, starting fresh.", found[0].path
+        )
         return None
 
     def _start_training(self, dl: Iterable[Any]) -> tuple[Iterable[Any], int]:
@@ -122,6 +125,8 @@ class LongRuns:
             if not agree_any(stop.signum is not None):
                 return
             stop.signum = stop.signum or signal.SIGTERM
+        if holds_unsynced_grads(self):  # type: ignore[arg-type]
+            return  # FSDP holds a group's gradients inside itself: stop at the group's end
         stop.handled = True
         stop.where = self._where()
         stop.checkpoint = None

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .dist import any_process
+from .sharded import LEARNER_FILE, sharded_folders
 
 __all__ = ["earlier_checkpoints", "earlier_rows", "refuse_earlier_run"]
 
@@ -39,10 +40,20 @@ def _checkpoint_summary(path: Path) -> str:
 
 def earlier_checkpoints(folder: Path, own: set[Path]) -> str | None:
     """What `folder` holds of CheckpointCB's files that were not written by this callback (`own`), or None."""
+    files = [folder / name for name in ("last.pt", "best.pt")]
+    files = [p for p in files if p.is_file()]
+    # FSDP's sharded checkpoints: folders, described by the learner state inside them.
+    folders = (
+        sharded_folders(folder, "last")[-1:] + sharded_folders(folder, "best")[-1:]
+    )
     found = [
-        f"{name} ({_checkpoint_summary(p)}, written {_when(p)})"
-        for name in ("last.pt", "best.pt")
-        if (p := folder / name).is_file() and p.resolve() not in own
+        f"{p.name} ({_checkpoint_summary(p)}, written {_when(p)})"
+        for p in files
+        if p.resolve() not in own
+    ] + [
+        f"{p.name} ({_checkpoint_summary(p / LEARNER_FILE)}, written {_when(p)})"
+        for p in folders
+        if p.resolve() not in own
     ]
     return "; ".join(found) or None
 

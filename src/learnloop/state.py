@@ -33,6 +33,13 @@ from .dist import (
     world_size,
 )
 from .errors import check_lr
+from .fsdp import (
+    holds_shards,
+    is_sharded,
+    like_param,
+    load_whole_model,
+    load_whole_optimizer,
+)
 from .midepoch import loader_signature
 from .rng import check_rng_state, rng_state, set_rng_state
 
@@ -81,21 +88,33 @@ def stateful_callbacks(cbs: list[Callback]) -> dict[str, Callback]:
 
 
 # ---------------------------------------------------------------- the whole learner
-def capture(learn: Learner, clone: bool = False) -> dict[str, Any]:
+def capture(
+    learn: Learner, clone: bool = False, weights: bool = True
+) -> dict[str, Any]:
     """The state of `learn`: model, optimizer, callbacks, counters (`COUNTERS`) and RNGs.
 
     The model and optimizer entries share storage with the live tensors unless `clone`, which
     deep-copies everything (for a snapshot the learner will go on changing, as lr_find's).
+    `weights=False` leaves them (and accumulated gradients) out, as None: a sharded checkpoint
+    writes those itself (see `learnloop.sharded`).
     """
     uninitialized = nn.parameter.UninitializedTensorMixin
-    model = {
-        k: v
-        for k, v in unwrap_model(learn.model).state_dict().items()
-        if not isinstance(v, uninitialized)  # a lazy module before its first forward
-    }
+    model = (
+        {
+            k: v
+            for k, v in unwrap_model(learn.model).state_dict().items()
+            if not isinstance(
+                v, uninitialized
+            )  # a lazy module before its first forward
+        }
+        if weights
+        else None
+    )
     state: dict[str, Any] = {
         "model": model,
-        "optimizer": learn.opt.state_dict() if learn.opt is not None else None,
+        "optimizer": learn.opt.state_dict()
+        if learn.opt is not None and weights
+        else None,
         "callbacks": {
             k: cb.state_dict() for k, cb in stateful_callbacks(learn.cbs).items()
         },
@@ -116,14 +135,14 @@ def capture(learn: Learner, clone: bool = False) -> dict[str, Any]:
             }
         )
     if position is not None:
-        _add_position(learn, state, position)
+        _add_position(learn, state, position, weights)
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
     return copy.deepcopy(state) if clone else state
 
 
 def _add_position(
-    learn: Learner, state: dict[str, Any], position: dict[str, Any]
+    learn: Learner, state: dict[str, Any], position: dict[str, Any], weights: bool
 ) -> None:
     """A mid-epoch state: the position, the loader's signature, gradients accumulated so far."""
     position = dict(position)
@@ -133,6 +152,8 @@ def _add_position(
         state["rng"] = valid_rng
     position["loader"] = loader_signature(learn.dls.train, world_size())
     state["position"] = position
+    if not weights:
+        return
     # Gradients accumulated without a step yet (GradAccumCB mid-group); in a capture every rank
     # makes, averaged over processes, which the next step's all-reduce would have done; else this
     # process's own.
@@ -283,12 +304,15 @@ def _positive_number(x: Any) -> bool:
     return True
 
 
-def restore(learn: Learner, state: dict[str, Any]) -> None:
+def restore(learn: Learner, state: dict[str, Any], weights: bool = True) -> None:
     """Put `learn` back into `state` (from `capture`, or a checked checkpoint); all or nothing.
 
     `state` is checked first (`check_state`). Callback states load next, the one step that can
     fail on content that cannot be checked beforehand: if one raises, those already loaded get
     their old state back and a ValueError says which. Everything after it only copies values.
+    `weights=False` leaves the model, optimizer and gradients alone (a sharded checkpoint loads
+    them itself). Whole tensors load into an FSDP2-sharded model too (each process keeps its
+    shard).
     """
     check_state(state, learn.dls.train)
     _load_callbacks(stateful_callbacks(learn.cbs), state["callbacks"])
@@ -297,25 +321,37 @@ def restore(learn: Learner, state: dict[str, Any]) -> None:
         None if position is None else {**position, "now_rng": state["rng"]}
     )
     learn.start_iter = 0 if position is None else position["batches"]
+    if weights:
+        _restore_weights(learn, state, position is not None)
+    for name in COUNTERS:
+        if name in state:
+            setattr(learn, name, state[name])
+    set_rng_state(state["rng"], learn.dls.train)
+
+
+def _restore_weights(learn: Learner, state: dict[str, Any], in_epoch: bool) -> None:
+    model = unwrap_model(learn.model)
+    sharded = is_sharded(model)
     # Keys were checked by the caller or come from this very model; lazy parameters that were
     # still uninitialized at capture are absent and keep their values.
-    unwrap_model(learn.model).load_state_dict(state["model"], strict=False)
+    if sharded and not holds_shards(state["model"]):
+        load_whole_model(model, state["model"])
+    else:
+        model.load_state_dict(state["model"], strict=False)
     if state["optimizer"] is None:
         learn.opt = None
     else:
         if learn.opt is None:
             learn.opt = learn.opt_func(learn.model.parameters(), lr=learn.lr)
-        learn.opt.load_state_dict(state["optimizer"])
-    if position is not None:  # the gradients accumulated so far, or none
+        if sharded and not holds_shards(state["optimizer"]):
+            load_whole_optimizer(model, learn.opt, state["optimizer"])
+        else:
+            learn.opt.load_state_dict(state["optimizer"])
+    if in_epoch:  # the gradients accumulated so far, or none
         grads = state.get("grads") or {}
-        for name, p in unwrap_model(learn.model).named_parameters():
-            p.grad = (
-                grads[name].to(p.device, p.dtype).clone() if name in grads else None
-            )
-    for name in COUNTERS:
-        if name in state:
-            setattr(learn, name, state[name])
-    set_rng_state(state["rng"], learn.dls.train)
+        for name, p in model.named_parameters():
+            g = grads.get(name)
+            p.grad = None if g is None else like_param(g, p)
 
 
 def _load_callbacks(cbs: dict[str, Callback], saved: dict[str, Any]) -> None:

@@ -74,7 +74,8 @@ class DeviceCB(Callback):
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
 
-    def _place_model(self, learn: Learner) -> None:
+    def place_model(self, learn: Learner) -> None:
+        """Move `learn.model` (and its optimizer's state) to this callback's device."""
         first = next(learn.model.parameters(), None)
         if first is None or first.device != self.device:
             learn.model.to(self.device)
@@ -83,10 +84,10 @@ class DeviceCB(Callback):
                 move_optimizer_state(learn.opt)
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._place_model(learn)
+        self.place_model(learn)
 
     def before_validate(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._place_model(learn)  # validate()/get_preds() run without before_fit
+        self.place_model(learn)  # validate()/get_preds() run without before_fit
 
     def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         learn.batch = to_device(learn.batch, self.device)

@@ -21,7 +21,10 @@ from ..checkpoint import checkpoint_state, save_checkpoint
 from ..dist import agree_any, is_distributed, is_main_process, world_size
 from ..errors import check_int
 from ..events import CancelFitException
+from ..fsdp import is_sharded
 from ..runs import earlier_checkpoints, refuse_earlier_run
+from ..sharded import save_sharded
+from ..state import unwrap_model
 from ..tensors import to_plain
 from ..types import PathLike
 from .core import ORDERS, Callback
@@ -187,6 +190,9 @@ class CheckpointCB(_SkipsCancelledEpochs):
             self._best = _Monitor(monitor, mode, 0.0, "CheckpointCB")
         # (last, best) owed for the epoch that just ended.
         self._due: tuple[bool, bool] | None = None
+        self._owed = (
+            False  # a step write waiting for the end of a gradient-accumulation group
+        )
 
     @property
     def best(self) -> float | None:
@@ -194,7 +200,7 @@ class CheckpointCB(_SkipsCancelledEpochs):
         return self._best.best if self._best is not None else None
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._due = None
+        self._due, self._owed = None, False
         self._last_write = time.monotonic()
         fresh = learn.resumed_from is None
         if fresh:
@@ -255,7 +261,11 @@ class CheckpointCB(_SkipsCancelledEpochs):
             if world_size() > 1:  # rank 0's clock decides, for every process at once
                 late = agree_any(late and is_main_process())
             due = due or late
-        if due:
+        # Gradients FSDP holds inside itself (GradAccumCB mid-group) cannot be saved: the write
+        # waits for the group's end (every process is at the same batch, so all wait).
+        self._owed = self._owed or due
+        if self._owed and not holds_unsynced_grads(learn):
+            self._owed = False
             self.save_last(learn)
 
     def save_last(self, learn: Learner) -> Path:
@@ -281,7 +291,10 @@ class CheckpointCB(_SkipsCancelledEpochs):
 
     def _save(self, learn: Learner, name: str) -> Path:
         # Every rank gets here at the same point (see the class docstring).
-        path = save_checkpoint(learn, self.path / name, every_rank=True)
+        if is_sharded(unwrap_model(learn.model)):  # FSDP: a numbered sharded folder
+            path = save_sharded(learn, self.path, name.removesuffix(".pt"))
+        else:
+            path = save_checkpoint(learn, self.path / name, every_rank=True)
         self._written.add(path.resolve())
         return path
 
@@ -312,6 +325,11 @@ class CheckpointCB(_SkipsCancelledEpochs):
         return (
             f"CheckpointCB(path={str(self.path)!r}, every={self.every}{steps}{monitor})"
         )
+
+
+def holds_unsynced_grads(learn: Learner) -> bool:
+    """True while a callback holds gradients outside the parameters (GradAccumCB under FSDP, mid-group)."""
+    return any(getattr(cb, "holds_unsynced_grads", False) for cb in learn.cbs)
 
 
 def _check_folder(path: Path) -> None:

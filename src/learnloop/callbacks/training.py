@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import check_int
 from ..events import CancelBackwardException, CancelBatchException, CancelStepException
+from ..fsdp import is_sharded
 from ..tensors import ScalarLog, map_tensors
 from .core import ORDERS, Callback
 
@@ -217,6 +218,11 @@ class GradAccumCB(Callback):
     def __init__(self, n_acc: int) -> None:
         self.n_acc = check_int(n_acc, "GradAccumCB n_acc", unit="batches per step")
         self._loss: Any = None
+        self._fsdp = False
+        #: True between a batch that did not step and its group's end, when the gradients held
+        #: so far are not in the parameters' `.grad` (FSDP2 keeps them unsharded, inside itself):
+        #: checkpoints and preemption stops wait for the group's end then.
+        self.holds_unsynced_grads = False
 
     def _group(self, learn: Learner) -> tuple[int, bool]:
         """The size of this batch's group and whether this batch ends it."""
@@ -226,15 +232,26 @@ class GradAccumCB(Callback):
         size = min(self.n_acc, learn.n_iter - start)
         return size, learn.iter - start + 1 == size
 
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self._fsdp = is_sharded(learn.model)
+        self.holds_unsynced_grads = False
+
     def before_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         # Under DDP, a batch that does not step skips the gradient all-reduce, as `no_sync()`
-        # does; DDP reads this flag in its forward, so it is set before the forward pass.
-        if learn.training and hasattr(learn.model, "require_backward_grad_sync"):
+        # does; DDP reads this flag in its forward, so it is set before the forward pass. Under
+        # FSDP2 it skips the reduce-scatter (`set_requires_gradient_sync`).
+        if not learn.training:
+            return
+        if hasattr(learn.model, "require_backward_grad_sync"):
             learn.model.require_backward_grad_sync = self._group(learn)[1]
+        elif self._fsdp:
+            learn.model.set_requires_gradient_sync(self._group(learn)[1])
 
     def after_batch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         if hasattr(learn.model, "require_backward_grad_sync"):
             learn.model.require_backward_grad_sync = True
+        elif self._fsdp:
+            learn.model.set_requires_gradient_sync(True)
 
     def before_backward(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._loss = learn.loss
@@ -244,10 +261,13 @@ class GradAccumCB(Callback):
         if self._loss is not None:
             # after_batch shows the batch's own loss.
             learn.loss, self._loss = self._loss, None
-        if not self._group(learn)[1]:
+        ends = self._group(learn)[1]
+        self.holds_unsynced_grads = self._fsdp and not ends
+        if not ends:
             raise CancelBatchException()  # keep the gradients: no unscale, clip, step or zero_grad
 
     def after_train(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self.holds_unsynced_grads = False
         if learn.n_iter is None and learn.opt is not None:
             learn.zero_grad()
 
@@ -282,6 +302,8 @@ class GradClipCB(Callback):
         norm = torch.nn.utils.clip_grad_norm_(
             learn.model.parameters(), self.max_norm, self.norm_type
         )
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, the norm over every shard
+            norm = norm.full_tensor()
         self._norms.append(norm.detach())
 
     def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
