@@ -72,9 +72,16 @@ class _ToXY:
 
 
 def build(
-    data: str = "digits", model: str = "cnn", lr: float = 3e-3, bs: int = 64
+    data: str = "digits",
+    model: str = "cnn",
+    lr: float = 3e-3,
+    bs: int = 64,
+    strategy: str = "ddp",
 ) -> tuple[Learner, nn.Module]:
-    """Load `data`, make its batched DataLoaders and `model`; return the Learner and the model."""
+    """Load `data`, make its batched DataLoaders and `model`; return the Learner and the model.
+
+    Under torchrun the model is trained with DDP, or sharded with FSDP2 for `strategy="fsdp"`.
+    """
     from .callbacks.metrics import Accuracy, MetricsCB
     from .data.loaders import DataLoaders
     from .data.sources import load_data
@@ -97,9 +104,12 @@ def build(
     n_classes = dd["train"].features[label].num_classes
     c, h, w = x_train.shape[1:]
     net = MODELS[model](n_in=c if model == "cnn" else c * h * w, n_out=n_classes)
-    learn = Learner(
-        net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=[MetricsCB(Accuracy())]
-    )
+    cbs: list[Any] = [MetricsCB(Accuracy())]
+    if strategy == "fsdp":  # in one process it notes that it trains unsharded
+        from .callbacks.distributed import DistributedCB
+
+        cbs.append(DistributedCB(strategy="fsdp"))
+    learn = Learner(net, dls, lr=lr, opt_func=torch.optim.AdamW, cbs=cbs)
     return learn, net
 
 
@@ -127,13 +137,18 @@ def run(
         learn.fit(epochs, resume=resume)
         # Empty if the fit had no epoch left to run (it warned).
         row = dict(learn.epoch_log) or learn.validate()
+    from .fsdp import full_model_state
+
+    weights = full_model_state(
+        net
+    )  # sharded (FSDP): every process sends rank 0 its part
     if not is_main_process():  # under torchrun, rank 0 reports and writes the files
         return row
     print(f"final validation accuracy: {row['accuracy']:.4f}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     learn.recorder.plot_loss().savefig(out_dir / "loss.png", dpi=100)
-    torch.save(net.state_dict(), out_dir / "model.pt")
+    torch.save(weights, out_dir / "model.pt")
     print(f"wrote {out_dir / 'loss.png'} and {out_dir / 'model.pt'}")
     return row
 
@@ -155,12 +170,13 @@ def checkpoints(
     if resume is None and save_every_steps is None:
         return None
     from .callbacks.tracking import CheckpointCB
+    from .checkpoint import latest_checkpoint
     from .runs import earlier_checkpoints
 
     folder = Path(out) / "checkpoints"
     learn.add_cbs(CheckpointCB(folder, every_steps=save_every_steps))
     if resume == "auto":
-        file = folder / "last.pt" if (folder / "last.pt").is_file() else None
+        file = latest_checkpoint(folder)
     elif resume is not None:
         file = _resume_file(resume)
     else:
@@ -226,16 +242,18 @@ def train(
     seed: int = 0,
     resume: str | None = None,
     save_every_steps: int | None = None,
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
     """Train `model` on `data`; write `loss.png` and `model.pt` to `out`; return the last epoch's row.
 
-    `resume` and `save_every_steps` are the command's `--resume` and `--save-every-steps` (see
-    `checkpoints`); a preemption signal raises `Preempted`.
+    `resume`, `save_every_steps` and `strategy` are the command's `--resume`,
+    `--save-every-steps` (see `checkpoints`) and `--strategy`; a preemption signal raises
+    `Preempted`.
     """
     if is_main_process():  # the one process that writes there
         check_out(out)
     _setup(threads, seed)
-    learn, net = build(data, model, lr, bs)
+    learn, net = build(data, model, lr, bs, strategy)
     start = checkpoints(learn, out, resume, save_every_steps)
     return run(learn, net, epochs, out, start)
 
@@ -284,6 +302,24 @@ def _stopped(e: Preempted, args: argparse.Namespace) -> str:
     return f"learnloop: stopped by {name} at {e.where}; saved {e.checkpoint}: {again} to continue"
 
 
+def export(checkpoint: str, out: str) -> int:
+    """`learnloop export`: the model weights of `checkpoint` as one plain state dict at `out`."""
+    from .sharded import export_model
+
+    try:
+        path = export_model(checkpoint, out)
+    except (ValueError, OSError) as e:
+        print(f"learnloop: error: {e}", file=sys.stderr)
+        return 2
+    weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    print(
+        f"wrote {path}: {len(weights)} tensors, {size / 2**20:.1f} MB; load it with "
+        "model.load_state_dict(torch.load(path, weights_only=True))"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `learnloop` command."""
     parser = _Parser(prog="learnloop", description=__doc__.splitlines()[0])
@@ -319,7 +355,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write OUT/checkpoints/last.pt every N training batches too (checkpoints go "
         "there every epoch once this or --resume is given)",
     )
+    t.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: a whole model per process (ddp) or the model sharded across "
+        "processes (fsdp; checkpoints are then sharded folders)",
+    )
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint's model weights (a sharded folder or a file) as one model.pt",
+    )
+    e.add_argument(
+        "checkpoint", help="a checkpoint file, sharded folder, or CheckpointCB folder"
+    )
+    e.add_argument(
+        "out", nargs="?", default="model.pt", help="the file to write (model.pt)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export(args.checkpoint, args.out)
     problem = _check_args(args)
     if problem:
         t.error(problem)
@@ -332,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume not in (None, "auto"):
             _resume_file(args.resume)  # before the data is loaded too
         _setup(args.threads or None, args.seed)
-        learn, net = build(args.data, args.model, args.lr, args.bs)
+        learn, net = build(args.data, args.model, args.lr, args.bs, args.strategy)
         start = checkpoints(learn, args.out, args.resume, args.save_every_steps)
     except (ValueError, KeyError, OSError) as e:
         print(

@@ -214,6 +214,10 @@ class DistributedCB(Callback):
             learn.opt = learn.opt_func(learn.model.parameters(), lr=learn.lr)
             load_whole_optimizer(learn.model, learn.opt, carried)
 
+    def _unsharded(self) -> bool:
+        """True for strategy 'fsdp' in a single process: nothing to shard, no loader to split."""
+        return self.strategy == "fsdp" and self._noted and not has_process_group()
+
     def _shared_seed(self) -> int:
         """One shuffle seed for all ranks (rank 0's torch seed), so their shards never overlap."""
         if self._seed is None:
@@ -234,6 +238,8 @@ class DistributedCB(Callback):
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.prepare(learn)
+        if self._unsharded():
+            return
         device = self._setup_process_group(learn)
         if self.strategy == "ddp":
             ids = [device.index] if device.type == "cuda" else None
@@ -258,6 +264,8 @@ class DistributedCB(Callback):
         # Validation runs the bare module: no gradients to sync, and uneven shards then need no
         # collective (under FSDP, see after_validate).
         self.prepare(learn)
+        if self._unsharded():
+            return
         self._setup_process_group(learn)
         if distributed_sampler(learn.dl) is None:
             learn.dl = self._shard(learn.dl, training=False)
