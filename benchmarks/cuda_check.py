@@ -5,8 +5,10 @@
 
 Checks: float16 autocast with a GradScaler (a forced inf gradient is skipped and counted), bfloat16
 on CUDA without a scaler, float16 + accumulation + clipping against float32, pinned-memory batches
-moved by DeviceCB with non_blocking=True, and CompileCB (inductor) against eager outputs. Without
-CUDA and without --device it says so and exits 0. Exit status 1 when a check fails.
+moved by DeviceCB with non_blocking=True, CompileCB (inductor) against eager outputs, and FSDP2 with
+bfloat16 mixed precision (a process group of one: nccl on CUDA, gloo on the CPU; a sharded
+checkpoint written and loaded back). Without CUDA and without --device it says so and exits 0.
+Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -187,12 +189,58 @@ def check_compile(device: str) -> str:
     return f"first fit (with compilation) {took:.1f}s"
 
 
+def check_fsdp_bf16(device: str) -> str:
+    """FSDP2 + MixedPrecisionCB(bf16): bf16 compute, float32 sharded parameters, a sharded checkpoint."""
+    import os
+    import socket
+    import tempfile
+
+    import torch.distributed as dist
+
+    from learnloop import DistributedCB
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        os.environ.pop(var, None)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+    )
+    try:
+        fsdp = DistributedCB(strategy="fsdp", shard=nn.Linear)
+        learn = learner(device, [fsdp, MixedPrecisionCB(torch.bfloat16)])
+        dtypes = linear_dtypes(learn)
+        before = mean_loss(learn)
+        learn.fit(2)
+        after = mean_loss(learn)
+        weight = learn.model[0].weight
+        assert type(weight).__name__ == "DTensor", (
+            f"weights are {type(weight).__name__}"
+        )
+        assert weight.to_local().dtype == torch.float32, "sharded weights not float32"
+        assert weight.device.type == device, f"weights on {weight.device}"
+        assert dtypes == {torch.bfloat16}, f"Linear outputs were {dtypes}"
+        assert after < before * 0.9, f"loss did not fall: {before:.4f} -> {after:.4f}"
+        with tempfile.TemporaryDirectory() as folder:
+            learn.save(f"{folder}/ck")
+            saved = weight.full_tensor().clone()
+            learn.fit(3, resume=f"{folder}/ck")
+            learn.load(f"{folder}/ck")
+            assert torch.equal(learn.model[0].weight.full_tensor(), saved)
+    finally:
+        dist.destroy_process_group()
+    return f"{backend}, loss {before:.3f} -> {after:.3f}, sharded checkpoint round trip"
+
+
 CHECKS: list[Callable[[str], str]] = [
     check_fp16_scaler,
     check_bf16,
     check_fp16_accum_clip,
     check_pinned_non_blocking,
     check_compile,
+    check_fsdp_bf16,
 ]
 
 
