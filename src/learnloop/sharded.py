@@ -211,6 +211,7 @@ def load_sharded(learn: Learner, path: Path) -> dict[str, Any]:
     Everything is checked and read before anything of the learner changes: a damaged folder or
     one from another model raises ValueError and loads nothing. Returns the learner.pt section.
     """
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -252,18 +253,26 @@ def load_sharded(learn: Learner, path: Path) -> dict[str, Any]:
     except ValueError as e:  # a callback refused its state: nothing was changed
         _undo_zero_state(opt, had_state)
         raise ValueError(f"{path}: {e}") from e.__cause__
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         _undo_zero_state(opt, had_state)
+        cause = _first_failure(e)
         raise ValueError(
-            f"{path} could not be read into this learner ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300]}); nothing was loaded. Was it written with another "
-            "optimizer? Use the learner it was written with, or an older checkpoint."
+            f"{path} could not be read into this learner ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:300]}); nothing was loaded. Was it written with "
+            "another optimizer, or is a shard file damaged? Use the learner it was written "
+            "with, or an older checkpoint."
         ) from e
     set_model_state_dict(model, tensors["model"])
     learn.opt = opt if has_optimizer else None
     if has_optimizer:
         set_optimizer_state_dict(model, opt, tensors["optimizer"])
     return ck
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The error behind a DCP CheckpointException (the first failing rank's), else `e`."""
+    failures = getattr(e, "failures", None)
+    return next(iter(failures.values()))[0] if failures else e
 
 
 def _undo_zero_state(opt: torch.optim.Optimizer | None, had_state: bool) -> None:

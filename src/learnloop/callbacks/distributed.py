@@ -147,6 +147,10 @@ class DistributedCB(Callback):
             None  # the phase's last inputs, for the forwards other ranks still run
         )
 
+    def _alone(self) -> bool:
+        """True for strategy 'fsdp' in one process without a process group: it trains unsharded."""
+        return self.strategy == "fsdp" and not has_process_group() and world_size() <= 1
+
     @property
     def fsdp(self) -> bool:
         """True when the model is sharded with FSDP2 (strategy 'fsdp' in a process group)."""
@@ -188,7 +192,7 @@ class DistributedCB(Callback):
         """
         if self.strategy != "fsdp" or is_sharded(learn.model):
             return
-        if not has_process_group() and world_size() <= 1:
+        if self._alone():
             if not self._noted and rank() == 0:
                 log.warning(
                     "DistributedCB(strategy='fsdp') runs in a single process (no torchrun, no "
@@ -214,10 +218,6 @@ class DistributedCB(Callback):
             learn.opt = learn.opt_func(learn.model.parameters(), lr=learn.lr)
             load_whole_optimizer(learn.model, learn.opt, carried)
 
-    def _unsharded(self) -> bool:
-        """True for strategy 'fsdp' in a single process: nothing to shard, no loader to split."""
-        return self.strategy == "fsdp" and self._noted and not has_process_group()
-
     def _shared_seed(self) -> int:
         """One shuffle seed for all ranks (rank 0's torch seed), so their shards never overlap."""
         if self._seed is None:
@@ -238,7 +238,7 @@ class DistributedCB(Callback):
 
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self.prepare(learn)
-        if self._unsharded():
+        if self._alone():
             return
         device = self._setup_process_group(learn)
         if self.strategy == "ddp":
@@ -264,7 +264,8 @@ class DistributedCB(Callback):
         # Validation runs the bare module: no gradients to sync, and uneven shards then need no
         # collective (under FSDP, see after_validate).
         self.prepare(learn)
-        if self._unsharded():
+        self._forwards, self._xb, self._most = 0, None, 0
+        if self._alone():
             return
         self._setup_process_group(learn)
         if distributed_sampler(learn.dl) is None:
@@ -272,7 +273,6 @@ class DistributedCB(Callback):
             # A shorter count set by an earlier callback (LimitBatchesCB) still holds.
             learn.n_iter = min(len(learn.dl), learn.n_iter or len(learn.dl))
         set_sampler_epoch(learn.dl, epoch)
-        self._forwards, self._xb, self._most = 0, None, 0
         if self.fsdp and is_sharded(learn.model):
             # Agreed now, while every process is here: after the batches, one still in its
             # last forward's all-gather could not join another collective.

@@ -21,9 +21,11 @@ from torch import Tensor
 
 from ..dist import (
     capturing_on_every_rank,
+    gather_objects,
     is_distributed,
     rank,
     sum_across_processes,
+    world_size,
 )
 from ..tensors import stack_scalars, to_plain
 from .core import ORDERS, Callback
@@ -114,7 +116,8 @@ class MetricsCB(Callback):
     training phase's sums, so a fit resumed from a checkpoint has every row of the run in
     `.history`, and one resumed mid-epoch ends the epoch with the row an uninterrupted run has.
     Under torchrun a checkpoint every rank writes (CheckpointCB's, inside `dist.every_rank()`)
-    carries the sums of all processes, loaded by rank 0; one that rank 0 writes alone
+    carries the sums of every process, each of which gets its own back (with another number of
+    processes, rank 0 gets their total); one that rank 0 writes alone
     (`learn.save` from a hook on rank 0) carries rank 0's own sums, so the resumed epoch's
     `train_loss` counts only rank 0's share of the batches before the save.
 
@@ -206,13 +209,17 @@ class MetricsCB(Callback):
         """Fold this chunk's losses into one weighted sum, on their device (no host sync)."""
         if not self._losses:
             return
-        losses = stack_scalars(self._losses)
-        counts = torch.tensor(self._counts, dtype=losses.dtype)
-        self._sums.append((losses * counts.to(losses.device, non_blocking=True)).sum())
+        self._sums.append(self._chunk_sum())
         self._rows += sum(self._counts)
         self._losses, self._counts = [], []
         if len(self._sums) >= _CHUNK:
             self._sums = [torch.stack(self._sums).sum()]
+
+    def _chunk_sum(self) -> Tensor:
+        """This chunk's losses weighted by their batch sizes, summed (there must be losses)."""
+        losses = stack_scalars(self._losses)
+        counts = torch.tensor(self._counts, dtype=losses.dtype)
+        return (losses * counts.to(losses.device, non_blocking=True)).sum()
 
     def _mean_loss(self) -> float | None:
         """The open phase's loss per row, over every process; None if no process saw a batch."""
@@ -302,24 +309,31 @@ class MetricsCB(Callback):
         return state
 
     def _sums_state(self) -> dict[str, Any]:
-        """The open phase's sums as tensors: as they are on this process (so the resumed sums are
-        bitwise the same), or folded and added up over processes in a capture every rank makes."""
-        if capturing_on_every_rank():
-            self._stack()
-            total = torch.stack(self._sums).sum() if self._sums else torch.zeros(())
-            return {
-                "losses": torch.zeros(0),
-                "counts": [],
-                "sums": sum_across_processes(total).reshape(1).float().cpu(),
-                "rows": int(sum_across_processes(self._rows)),
-            }
-        return {
+        """The open phase's sums as tensors, as they are on this process (so the resumed sums are
+        bitwise the same).
+
+        In a capture every rank makes, every process's own sums (`ranks`, which each rank takes
+        back with the same number of processes), and their total over processes for rank 0
+        otherwise. The live sums are not folded for it: that would change this run's loss.
+        """
+        own = {
             "losses": stack_scalars(self._losses).cpu()
             if self._losses
             else torch.zeros(0),
             "counts": list(self._counts),
             "sums": torch.stack(self._sums).cpu() if self._sums else torch.zeros(0),
             "rows": self._rows,
+        }
+        if not capturing_on_every_rank():
+            return own
+        parts = self._sums + ([self._chunk_sum()] if self._losses else [])
+        total = torch.stack(parts).sum() if parts else torch.zeros(())
+        return {
+            "losses": torch.zeros(0),
+            "counts": [],
+            "sums": sum_across_processes(total).reshape(1).float().cpu(),
+            "rows": int(sum_across_processes(self._rows + sum(self._counts))),
+            "ranks": gather_objects(own),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -337,11 +351,17 @@ class MetricsCB(Callback):
             epoch["ran"],
         )
         self._elapsed, self._row = float(epoch["elapsed"]), dict(epoch["row"])
-        if epoch["phase"] == "train" and rank() == 0:  # rank 0 carries the saved sums
-            self._losses = list(epoch["losses"].unbind())
-            self._counts = [int(c) for c in epoch["counts"]]
-            self._sums = list(epoch["sums"].unbind())
-            self._rows = int(epoch["rows"])
+        if epoch["phase"] != "train":
+            return
+        sums = epoch if rank() == 0 else None  # rank 0 carries the total over processes
+        ranks = epoch.get("ranks")
+        if ranks is not None and len(ranks) == world_size():
+            sums = ranks[rank()]  # each process its own, as they were
+        if sums is not None:
+            self._losses = list(sums["losses"].unbind())
+            self._counts = [int(c) for c in sums["counts"]]
+            self._sums = list(sums["sums"].unbind())
+            self._rows = int(sums["rows"])
 
     def __repr__(self) -> str:
         return f"MetricsCB({', '.join(self.metrics)})"
