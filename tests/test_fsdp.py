@@ -21,7 +21,7 @@ from torch import nn
 from learnloop import DeviceCB, DistributedCB, Learner
 from learnloop.cli import main
 from learnloop.fsdp import is_sharded, matching_modules
-from learnloop.sharded import is_sharded_checkpoint
+from learnloop.sharded import export_model, is_sharded_checkpoint
 
 
 class Block(nn.Module):
@@ -199,3 +199,14 @@ def test_learnloop_export_of_a_plain_file_and_of_nothing(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nowhere" in err
+
+
+def test_export_of_a_damaged_shard_is_a_value_error_naming_the_folder(group, tmp_path):
+    learn = fsdp_learner(make_model())
+    learn.fit(1)
+    learn.save(tmp_path / "ck")
+    with open(tmp_path / "ck" / "__0_0.distcp", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"ck could not be read \(EOFError\)"):
+        export_model(tmp_path / "ck", tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

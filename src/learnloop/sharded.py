@@ -100,6 +100,7 @@ def save_sharded(
     is in place; without, to the folder `path` itself (replacing one there). Returns the folder.
     """
     path = Path(path)
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -123,7 +124,21 @@ def save_sharded(
     tensors = {"model": model_sd}
     if learn.opt is not None:
         tensors["optimizer"] = optim_sd
-    dcp_save(tensors, checkpoint_id=tmp)
+    try:
+        dcp_save(tensors, checkpoint_id=tmp)
+    except (
+        CheckpointException
+    ) as e:  # DCP's is a BaseException: `except Exception` misses it
+        failures = getattr(e, "failures", None) or {0: (e,)}
+        kind = (
+            OSError
+            if isinstance(next(iter(failures.values()))[0], OSError)
+            else RuntimeError
+        )
+        raise kind(
+            f"Writing the sharded checkpoint {final} failed ({_failure(e)}); the checkpoints "
+            "written before are intact."
+        ) from e
     if is_main_process():
         atomic_save(state, tmp / LEARNER_FILE)
     barrier()  # every process's shards are on disk
@@ -255,10 +270,8 @@ def load_sharded(learn: Learner, path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: {e}") from e.__cause__
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         _undo_zero_state(opt, had_state)
-        cause = _first_failure(e)
         raise ValueError(
-            f"{path} could not be read into this learner ({type(cause).__name__}: "
-            f"{str(cause).splitlines()[0][:300]}); nothing was loaded. Was it written with "
+            f"{path} could not be read into this learner ({_failure(e)}); nothing was loaded. Was it written with "
             "another optimizer, or is a shard file damaged? Use the learner it was written "
             "with, or an older checkpoint."
         ) from e
@@ -269,10 +282,14 @@ def load_sharded(learn: Learner, path: Path) -> dict[str, Any]:
     return ck
 
 
-def _first_failure(e: BaseException) -> BaseException:
-    """The error behind a DCP CheckpointException (the first failing rank's), else `e`."""
+def _failure(e: BaseException) -> str:
+    """'Type: first line' of the error behind a DCP CheckpointException (the first failing rank's)."""
     failures = getattr(e, "failures", None)
-    return next(iter(failures.values()))[0] if failures else e
+    cause = next(iter(failures.values()))[0] if failures else e
+    lines = str(cause).splitlines()
+    return (
+        f"{type(cause).__name__}: {lines[0][:300]}" if lines else type(cause).__name__
+    )
 
 
 def _undo_zero_state(opt: torch.optim.Optimizer | None, had_state: bool) -> None:
@@ -293,6 +310,7 @@ def export_model(checkpoint: PathLike, out: PathLike) -> Path:
     if not source.is_dir():
         ck = read_checkpoint(source)
         return atomic_save(ck["model"], out)
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
 
     saved = _metadata(source)
@@ -306,5 +324,11 @@ def export_model(checkpoint: PathLike, out: PathLike) -> Path:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp_load({"model": weights}, checkpoint_id=source, no_dist=True)
+        try:
+            dcp_load({"model": weights}, checkpoint_id=source, no_dist=True)
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            raise ValueError(
+                f"{source} could not be read ({_failure(e)}): a shard file is damaged or missing. "
+                "Use an older checkpoint."
+            ) from e
     return atomic_save(weights, out)
