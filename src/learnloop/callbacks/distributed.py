@@ -195,8 +195,8 @@ class DistributedCB(Callback):
         if self._alone():
             if not self._noted and rank() == 0:
                 log.warning(
-                    "DistributedCB(strategy='fsdp') runs in a single process (no torchrun, no "
-                    "process group): the model is trained unsharded."
+                    "DistributedCB(strategy='fsdp') runs in a single process (no process group, "
+                    "WORLD_SIZE 1): the model is trained unsharded."
                 )
             self._noted = True
             return
