@@ -30,7 +30,6 @@ import torch
 from ..errors import check_int, check_lr
 from ..events import CancelFitException
 from ..state import capture, restore
-from ..types import length
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -220,8 +219,10 @@ class LRFinderCB(Callback):
 
 def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) -> None:
     """Run `finder`'s sweep as a short fit, then restore `learn` as it was (see the module docstring)."""
-    n_iter = length(learn.dls.train) or 1
-    n_epochs = math.ceil(finder.num_it / max(n_iter, 1))
+    # Enough epochs of one batch or more: the finder ends the fit after num_it batches. The
+    # loader's length here is not the sweep's under torchrun, where DistributedCB shards it at
+    # before_fit (half the batches on 2 processes, which stopped the sweep half way to end_lr).
+    n_epochs = finder.num_it
     saved = capture(learn, clone=True)
     mode, epoch_log, resumed = (
         learn.model.training,
