@@ -17,6 +17,8 @@ are detached for the sweep, so the Recorder, the metrics history, the logs and t
 still describe your last real fit. The sweep's own record is on the returned `LRFindResult`.
 
 Reading the loss for the divergence test costs one host sync per sweep batch; the sweep is short.
+Under torchrun the loss recorded is the mean over processes (one all-reduce per sweep batch), so
+every process sweeps and suggests alike.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..dist import is_distributed, sum_across_processes, world_size
 from ..errors import check_int, check_lr
 from ..events import CancelFitException
 from ..state import capture, restore
-from ..types import length
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -185,7 +187,13 @@ class LRFinderCB(Callback):
     def after_loss(self, learn: Learner, loss: torch.Tensor, **kwargs: Any) -> None:
         if not learn.training:
             return
-        value = float(loss.detach().float())
+        loss = loss.detach().float()
+        if is_distributed():
+            # The global batch's loss: every process records the same losses, so all stop on
+            # divergence at the same batch (one stopping alone would leave the others waiting
+            # in a collective) and suggest the same lr.
+            loss = sum_across_processes(loss) / world_size()
+        value = float(loss)
         self.losses.append(value)
         self._avg = self.beta * self._avg + (1 - self.beta) * value
         smooth = self._avg / (1 - self.beta ** len(self.losses))
@@ -220,8 +228,10 @@ class LRFinderCB(Callback):
 
 def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) -> None:
     """Run `finder`'s sweep as a short fit, then restore `learn` as it was (see the module docstring)."""
-    n_iter = length(learn.dls.train) or 1
-    n_epochs = math.ceil(finder.num_it / max(n_iter, 1))
+    # Enough epochs of one batch or more: the finder ends the fit after num_it batches. The
+    # loader's length here is not the sweep's under torchrun, where DistributedCB shards it at
+    # before_fit (half the batches on 2 processes, which stopped the sweep half way to end_lr).
+    n_epochs = finder.num_it
     saved = capture(learn, clone=True)
     mode, epoch_log, resumed = (
         learn.model.training,
