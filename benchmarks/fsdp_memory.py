@@ -5,7 +5,7 @@
 
 Each world size N is one `torchrun --standalone --nproc-per-node=N` of this script (gloo on CPU,
 one thread per process), N = 1 included: there DistributedCB(strategy="fsdp") notes that it
-runs unsharded (a process group of one), so that row is the whole model, launched the same way
+runs unsharded (one process, no process group), so that row is the whole model, launched the same way
 as the others. Every process builds the same model (seeded): `--depth` residual blocks
 (LayerNorm, Linear(w, w), GELU), w a multiple of 16 picked so the model has about `--params`
 parameters, then Linear(w, 8), and trains it through a Learner with
@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -176,7 +175,7 @@ def worker(args: argparse.Namespace) -> None:
         "step_s": steady[len(steady) // 2],
         "n_params": sum(p.numel() for p in model.parameters()),
     }
-    Path(args.out, f"{dist.get_rank()}.json").write_text(json.dumps(mine))
+    Path(args.out, f"{learnloop.rank()}.json").write_text(json.dumps(mine))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # not through the interpreter's shutdown: see the docstring
