@@ -112,7 +112,15 @@ def shard_model(
     float32 parameters (its `MixedPrecisionPolicy`). Returns the blocks sharded, root last.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError as e:  # FSDP2 became public in torch 2.6
+        raise RuntimeError(
+            f"DistributedCB(strategy='fsdp') needs FSDP2 (torch.distributed.fsdp.fully_shard, "
+            f"torch >= 2.6); this is torch {torch.__version__}: upgrade torch, or use "
+            "strategy='ddp'."
+        ) from e
 
     from .dist import world_size
 
