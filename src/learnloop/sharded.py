@@ -126,16 +126,11 @@ def save_sharded(
         tensors["optimizer"] = optim_sd
     try:
         dcp_save(tensors, checkpoint_id=tmp)
-    except (
-        CheckpointException
-    ) as e:  # DCP's is a BaseException: `except Exception` misses it
+    except CheckpointException as e:  # a BaseException: `except Exception` misses it
         failures = getattr(e, "failures", None) or {0: (e,)}
-        kind = (
-            OSError
-            if isinstance(next(iter(failures.values()))[0], OSError)
-            else RuntimeError
-        )
-        raise kind(
+        first = next(iter(failures.values()))[0]
+        error = OSError if isinstance(first, OSError) else RuntimeError
+        raise error(
             f"Writing the sharded checkpoint {final} failed ({_failure(e)}); the checkpoints "
             "written before are intact."
         ) from e
