@@ -151,9 +151,8 @@ class DistributedCB(Callback):
         self._noted = False
         self._forwards = 0  # validation forwards of this phase (FSDP)
         self._most = 0  # the most validation batches any process has this phase (FSDP)
-        self._xb: Any = (
-            None  # the phase's last inputs, for the forwards other ranks still run
-        )
+        # The phase's last inputs, for the forwards the other processes still run (FSDP).
+        self._xb: Any = None
 
     def _alone(self) -> bool:
         """True for strategy 'fsdp' in one process without a process group: it trains unsharded."""
