@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from learnloop import Callback, DataLoaders
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment of a test's `torchrun` launch: this checkout's learnloop and the tests on
+    the path, one thread per process, no rank variables of an enclosing launch, and the
+    rendezvous store not shared with restarted workers (pytorch/pytorch#135712)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
+        "OMP_NUM_THREADS": "1",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
 
 
 def make_data(

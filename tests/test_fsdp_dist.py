@@ -21,12 +21,10 @@ from typing import Any
 import pytest
 import torch
 from fsdp_script import MAX_NORM, N_VALID, PER_RANK_BS, history, make_learner
-from helpers import make_data
+from helpers import TESTS, make_data, torchrun_env
 
 from learnloop import GradAccumCB, GradClipCB, Learner
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "fsdp_script.py"
 GLOBAL_BS = 2 * PER_RANK_BS
 ATOL = 1e-6
@@ -34,14 +32,7 @@ ATOL = 1e-6
 
 def launch(out: Path, mode: str) -> dict[str, Any]:
     """Run `torchrun --standalone --nproc-per-node=2 fsdp_script.py out --mode mode`; return what rank 0 saved."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-    }
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = torchrun_env()
     logs = out / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node=2", "--log-dir", str(logs), "--redirects", "3"]

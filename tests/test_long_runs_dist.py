@@ -27,12 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TESTS, torchrun_env
 from long_run_script import make_learner
 
 from learnloop import Callback
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "long_run_script.py"
 EPOCHS = 3
 STEPS = 13  # training batches per epoch on each of 2 processes: 100 rows, batches of 8
@@ -51,14 +50,7 @@ def start(
     out: Path, args: list[str], launcher: tuple[str, ...] = TWO, log: str = "logs"
 ) -> subprocess.Popen[str]:
     """Start `torchrun <launcher> long_run_script.py out <args>`; workers' output goes to out/<log>."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-    }
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = torchrun_env()
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher]
     cmd += ["--log-dir", str(out / log), "--redirects", "3", str(SCRIPT), str(out)]

@@ -12,7 +12,6 @@ into one process, export, half-written and damaged folders.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import TESTS, torchrun_env
 from sharded_script import CRASH_AT, EPOCHS, make_learner
 from torch import nn
 
@@ -30,22 +30,13 @@ from learnloop.checkpoint import checkpoint_path, latest_checkpoint
 from learnloop.fsdp import optimizer_to_fqn
 from learnloop.sharded import export_model
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "sharded_script.py"
 SHARDED_FILES = {".metadata", "learner.pt", "__0_0.distcp", "__1_0.distcp"}
 
 
 def torchrun(out: Path, mode: str) -> subprocess.CompletedProcess[str]:
     """`torchrun --standalone --nproc-per-node=2 sharded_script.py out --mode <mode>`, to its end."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)]),
-        "OMP_NUM_THREADS": "1",
-        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-    }
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node=2", str(SCRIPT), str(out), "--mode", mode]
     return subprocess.run(

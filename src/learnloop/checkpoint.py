@@ -69,8 +69,10 @@ __all__ = [
     "atomic_save",
     "checkpoint_path",
     "checkpoint_state",
+    "fit_to_this_run",
     "latest_checkpoint",
     "load_checkpoint",
+    "read_checked",
     "read_checkpoint",
     "save_checkpoint",
     "settle_position",
@@ -279,17 +281,9 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
         from .sharded import load_sharded
 
         return load_sharded(learn, file)
-    ck = read_checkpoint(file)
-    try:
-        check_state(ck, learn.dls.train)
-    except ValueError as e:
-        raise ValueError(
-            f"{file} is damaged, nothing was loaded: {e} Use an older checkpoint."
-        ) from e.__cause__
+    ck = read_checked(file, learn)
     check_model(file, unwrap_model(learn.model), ck["model"])
-    if ck.get("position") is not None:
-        settle_position(file, ck, learn.dls.train)
-    use_own_rng(ck, rank(), world_size())
+    fit_to_this_run(file, ck, learn)
     if ck["optimizer"] is not None:
         check_optimizer(learn, file, ck["optimizer"])
     try:
@@ -297,6 +291,28 @@ def load_checkpoint(learn: Learner, path: PathLike) -> dict[str, Any]:
     except ValueError as e:  # a callback refused its state: nothing was changed
         raise ValueError(f"{file}: {e}") from e.__cause__
     return ck
+
+
+def read_checked(
+    file: Path, learn: Learner, source: Path | None = None
+) -> dict[str, Any]:
+    """The checkpoint at `source` (default `file`), its counters, callbacks and RNG states checked
+    against `learn`; ValueError naming `file` if they would not load."""
+    ck = read_checkpoint(source or file)
+    try:
+        check_state(ck, learn.dls.train)
+    except ValueError as e:
+        raise ValueError(
+            f"{file} is damaged, nothing was loaded: {e} Use an older checkpoint."
+        ) from e.__cause__
+    return ck
+
+
+def fit_to_this_run(file: Path, ck: dict[str, Any], learn: Learner) -> None:
+    """Settle a mid-epoch position for this run's loader and give this process its own RNG states."""
+    if ck.get("position") is not None:
+        settle_position(file, ck, learn.dls.train)
+    use_own_rng(ck, rank(), world_size())
 
 
 def settle_position(file: Path, ck: dict[str, Any], train_dl: Any) -> None:
@@ -328,7 +344,7 @@ def settle_position(file: Path, ck: dict[str, Any], train_dl: Any) -> None:
         f"{file} was written inside epoch {epoch} ({done} training batches done), but {why}: "
         f"the fit resumes at the start of epoch {epoch + 1}, and the rest of epoch {epoch} is "
         "not trained.",
-        stacklevel=4,
+        stacklevel=5,  # the user's load or fit call
     )
     ck["epochs_done"] = ck["epoch"] = epoch + 1
     ck.pop("grads", None)

@@ -33,16 +33,20 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_save
-from .checkpoint import checkpoint_state, read_checkpoint, settle_position
+from .checkpoint import (
+    checkpoint_state,
+    fit_to_this_run,
+    read_checked,
+    read_checkpoint,
+)
 from .dist import (
     barrier,
     every_rank,
     has_process_group,
     is_main_process,
-    rank,
     world_size,
 )
-from .state import check_state, restore, unwrap_model, use_own_rng
+from .state import restore, unwrap_model
 from .types import PathLike
 
 if TYPE_CHECKING:
@@ -230,21 +234,13 @@ def load_sharded(learn: Learner, path: Path) -> dict[str, Any]:
         set_optimizer_state_dict,
     )
 
-    ck = read_checkpoint(path / LEARNER_FILE)
-    try:
-        check_state(ck, learn.dls.train)
-    except ValueError as e:
-        raise ValueError(
-            f"{path} is damaged, nothing was loaded: {e} Use an older checkpoint."
-        ) from e.__cause__
+    ck = read_checked(path, learn, path / LEARNER_FILE)
     saved = _metadata(path)
     model = unwrap_model(learn.model)
     own = get_model_state_dict(model)
     _check_model(path, own, saved)
     has_optimizer = any(k.startswith("optimizer.") for k in saved)
-    if ck.get("position") is not None:
-        settle_position(path, ck, learn.dls.train)
-    use_own_rng(ck, rank(), world_size())
+    fit_to_this_run(path, ck, learn)
     opt = learn.opt
     if has_optimizer and opt is None:
         opt = learn.opt_func(model.parameters(), lr=learn.lr)
