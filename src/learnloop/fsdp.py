@@ -1,13 +1,13 @@
-"""FSDP2 glue: which modules to shard, sharding a model, and its state dicts whole or sharded.
+"""FSDP2 glue: which modules to shard, sharding a model, and whole state dicts in and out of it.
 
 Nothing home-made: the sharding is torch's `fully_shard` (parameters become DTensors, each
 process holding 1/N of every tensor), mixed precision is its `MixedPrecisionPolicy`, and state
 dicts go through `torch.distributed.checkpoint.state_dict` (`get_state_dict`/`set_state_dict`).
 This module adds what a training loop needs around them: resolving `shard=` (a module class, a
 predicate, or a list of them) to the blocks it names, with an error listing the model's module
-classes when it names none; moving an optimizer's state across the sharding; and one function
-each for a model's whole ("full") and sharded state. torch.distributed.fsdp is imported on
-first use, so `import learnloop` does not pay for it.
+classes when it names none; moving an optimizer's state across the sharding; a sharded model's
+whole state gathered on rank 0, and whole (plain) states loaded into the shards. torch.distributed
+.fsdp is imported on first use, so `import learnloop` does not pay for it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ __all__ = [
     "matching_modules",
     "optimizer_to_fqn",
     "shard_model",
-    "sharded_state",
 ]
 
 # What `DistributedCB(shard=...)` takes: a module class, a predicate on modules, or a list of them.
@@ -163,20 +162,6 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-
-
-def sharded_state(
-    model: nn.Module, opt: torch.optim.Optimizer | None
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """`(model_state, optimizer_state)` of a sharded model: DTensor shards, keyed by parameter names."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    model_sd = get_model_state_dict(model)
-    optim_sd = get_optimizer_state_dict(model, opt) if opt is not None else None
-    return model_sd, optim_sd
 
 
 def optimizer_to_fqn(
