@@ -30,6 +30,7 @@ from .callbacks import (
     StopReason,
     TensorBoardCB,
     TerminateOnNaNCB,
+    not_an_event,
 )
 from .callbacks.device import default_device, to_device
 from .data.hf import collate_dict, inplace
@@ -97,6 +98,7 @@ __all__ = [
     "default_device",
     "inplace",
     "is_main_process",
+    "not_an_event",
     "rank",
     "to_device",
     "world_size",

@@ -1,7 +1,7 @@
 """Built-in callbacks, one module per concern; every one of them is exported here."""
 
 from .compile import CompileCB
-from .core import ORDERS, Callback
+from .core import ORDERS, Callback, not_an_event
 from .debug import LimitBatchesCB, SingleBatchCB
 from .device import DeviceCB
 from .distributed import DistributedCB
@@ -46,4 +46,5 @@ __all__ = [
     "StopReason",
     "TensorBoardCB",
     "TerminateOnNaNCB",
+    "not_an_event",
 ]

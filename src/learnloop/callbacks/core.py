@@ -2,8 +2,11 @@
 
 A callback is any object whose methods are named after events (see `learnloop.events`).
 The checks here make mistakes fail at registration, before any batch runs: a class passed
-instead of an instance, a method that looks like an event but is misspelled, and a hook whose
-signature cannot take `(learn, **context)`.
+instead of an instance, a method that looks like an event but is misspelled or is another
+framework's hook (fastai v1's `begin_fit`, Lightning's `on_train_epoch_end`, miniai's
+`cleanup_fit` and TrainCB's `predict`), any public `before_*`/`after_*`/`on_*`/`cleanup_*`
+method that is no event (it would never be called), and a hook whose signature cannot take
+`(learn, **context)`. A helper that must have such a name opts out with `@not_an_event`.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..events import EVENT_CONTEXT, EVENTS
 
-__all__ = ["ORDERS", "Callback", "check_callback"]
+__all__ = ["ORDERS", "Callback", "as_callbacks", "check_callback", "not_an_event"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # The `order` of every built-in callback, in the order they run (lower first); each class takes
 # its own from here. Your callbacks default to 0; place one by name, e.g.
@@ -119,6 +125,94 @@ def _nearest_event(name: str) -> str | None:
     return None
 
 
+# miniai's TrainCB methods: in learnloop they are the Learner's step pieces, not hooks.
+_STEP_PIECES = ("predict", "get_loss", "backward", "step", "zero_grad")
+# Names that say "call me at some point of the loop", so one that is no event is a mistake.
+_EVENT_PREFIXES = ("before_", "after_", "on_", "cleanup_", "begin_")
+_NOT_AN_EVENT = "__learnloop_not_an_event__"
+# Words of other frameworks' hook names, and the events that come nearest to what they name.
+_WORD_EVENTS = {
+    "loss": ("after_loss",),
+    "pred": ("after_pred",),
+    "predict": ("after_pred",),
+    "zero": ("after_step",),
+    "grad": ("after_backward", "after_step"),
+    "create": ("before_fit",),  # fastai's after_create: do it in __init__ or before_fit
+    "init": ("before_fit",),
+}
+# Where a callback acts around each step piece instead of replacing it.
+_AROUND = {
+    "predict": "after_pred",
+    "get_loss": "after_loss",
+    "backward": "before_backward (raise CancelBackwardException to replace it)",
+    "step": "before_step (raise CancelStepException to replace it)",
+    "zero_grad": "after_step",
+}
+
+
+def not_an_event(method: F) -> F:
+    """Mark `method` as a helper, not a hook, so its event-like name (`after_fit_report`) is allowed.
+
+    Example:
+        >>> class Report(Callback):
+        ...     @not_an_event
+        ...     def after_fit_summary(self):
+        ...         return "..."
+    """
+    setattr(method, _NOT_AN_EVENT, True)
+    return method
+
+
+def _nearest_events(name: str, n: int = 3) -> list[str]:
+    """Up to `n` events nearest to `name`: by what it names (its words), then by spelling."""
+    words = set(name.lower().split("_")) | set(_translate(name).split("_"))
+    words -= {"before", "after", "on", "cleanup", "begin", "start", "end", "cancel", ""}
+    named = [e for w in sorted(words) for e in _WORD_EVENTS.get(w, ())]
+    shared = [e for e in EVENTS if words & set(e.split("_")[1:])]
+
+    def spelling(event: str) -> float:
+        return difflib.SequenceMatcher(None, _squash(name), _squash(event)).ratio()
+
+    ranked = [*named, *sorted(shared, key=spelling, reverse=True)]
+    ranked += sorted(EVENTS, key=spelling, reverse=True)
+    return list(dict.fromkeys(ranked))[:n]
+
+
+def _refuse_method(cls: str, name: str) -> None:
+    """Raise if the public method `name` of callback class `cls` cannot be what its author meant."""
+    if name in _STEP_PIECES:
+        raise ValueError(
+            f"{cls}.{name}: learnloop's step pieces ({', '.join(_STEP_PIECES)}) are Learner "
+            f"methods, not callback hooks (miniai's TrainCB). Subclass Learner and override "
+            f"{name}(self) there (e.g. `class MyLearner(Learner): def {name}(self): ...`), or "
+            f"act around it from a hook such as {_AROUND[name]}."
+        )
+    level = name.removeprefix("cleanup_")
+    if level != name and f"after_{level}" in EVENT_CONTEXT:
+        after = f"after_{level}"
+        when = (
+            "it runs after errors and cancels too"
+            if level == "fit"
+            else "it runs after cancels too (after an error, after_fit runs, for every callback)"
+        )
+        raise ValueError(
+            f"{cls}.{name}: learnloop has no cleanup_* events: use {after} instead: {when}."
+        )
+    nearest = _nearest_event(name)
+    if nearest is None and not name.startswith(_EVENT_PREFIXES):
+        return
+    hint = (
+        f"did you mean {nearest}?"
+        if nearest
+        else "the nearest events are " + ", ".join(_nearest_events(name)) + "."
+    )
+    raise ValueError(
+        f"{cls}.{name} looks like an event but is not one, so it would never be called: {hint} "
+        f"Valid events: {', '.join(EVENTS)}. A helper method that must have this name: "
+        "decorate it with @learnloop.not_an_event."
+    )
+
+
 def _check_signature(cb: Any, event: str) -> None:
     hook = getattr(cb, event)
     if not callable(hook):
@@ -157,9 +251,22 @@ def check_callback(cb: Any) -> None:
         if name in EVENT_CONTEXT:
             _check_signature(cb, name)
             continue
-        nearest = _nearest_event(name)
-        if nearest is not None and callable(getattr(type(cb), name, None)):
-            raise ValueError(
-                f"{type(cb).__name__}.{name} looks like an event but is not one: "
-                f"did you mean {nearest}? Valid events: {', '.join(EVENTS)}."
-            )
+        method = getattr(type(cb), name, None)
+        if callable(method) and not getattr(method, _NOT_AN_EVENT, False):
+            _refuse_method(type(cb).__name__, name)
+
+
+def as_callbacks(cbs: Callback | Sequence[Callback] | None) -> list[Callback]:
+    """`cbs` as a list: None is no callback, and a single callback is a list of one."""
+    if cbs is None:
+        return []
+    if isinstance(cbs, (list, tuple)):
+        return list(cbs)
+    if isinstance(cbs, type) or hasattr(cbs, "order"):
+        return [cbs]  # type: ignore[list-item]  # a class: check_callback says to instantiate it
+    try:
+        return list(cbs)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"cbs must be a callback or a list of callbacks, got {type(cbs).__name__}."
+        ) from None
