@@ -28,6 +28,7 @@ FLOORS: dict[str, int] = {
     "learnloop.tensors": 0,
     "learnloop.types": 0,
     "learnloop.models": 0,
+    "learnloop.inference": 0,
     "learnloop.callbacks.core": 1,
     "learnloop.dispatch": 1,
     "learnloop.checkpoint_checks": 1,

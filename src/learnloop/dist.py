@@ -295,13 +295,17 @@ def _sample_indices(dl: Any, n: int) -> list[int] | None:
 
 
 def _cat(parts: list[Any]) -> Any:
-    """Concatenate tensors, or tuples of tensors element by element (several targets)."""
+    """Concatenate tensors, or tuples of tensors element by element (several targets); None stays None."""
+    if parts[0] is None:  # batches without targets
+        return None
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(list(p)) for p in zip(*parts))
     return torch.cat(parts)
 
 
 def _take(x: Any, index: Tensor) -> Any:
+    if x is None:
+        return None
     return tuple(t[index] for t in x) if isinstance(x, tuple) else x[index]
 
 

@@ -7,6 +7,8 @@ fires the events.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -17,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .callbacks.core import Callback, check_callback
-from .callbacks.device import DeviceCB
+from .callbacks.core import Callback, as_callbacks, check_callback
+from .callbacks.device import DeviceCB, to_device
 from .callbacks.distributed import DistributedCB
 from .callbacks.gather import GatherPredsCB
 from .callbacks.metrics import MetricsCB
@@ -47,10 +49,12 @@ from .events import (
     CancelException,
     CancelFitException,
 )
+from .inference import item_batch, item_ndim, model_device
 from .long_runs import LongRuns
 from .midepoch import hand_over
 from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals, shield_workers
 from .rng import RngSnapshot, set_rng_state
+from .tensors import map_tensors
 from .types import PathLike, length
 
 if TYPE_CHECKING:
@@ -60,14 +64,23 @@ __all__ = ["Learner"]
 
 log = logging.getLogger(__name__)
 
+#: The learning rate of `Learner(lr=None)`.
+DEFAULT_LR = 1e-2
+# `predict()` without an argument: the step piece the loop calls.
+_STEP = object()
+Callbacks = Callback | Sequence[Callback] | None
+
 
 class Learner(LongRuns, CallbackHost):
     """Trains `model` on `dls` with `loss_func` and an optimizer made by `opt_func`.
 
     Device placement, metrics, the recorder and the progress bar are default callbacks
     (DeviceCB, MetricsCB, Recorder, ProgressCB); passing a callback of the same kind in
-    `cbs` replaces the default, and `default_cbs=False` attaches none of them. After a fit the
-    model is left in eval mode, ready for inference (as fastai leaves it).
+    `cbs` (a callback or a list) replaces the default, and `default_cbs=False` attaches none of
+    them. The first `n_inp` items of each batch are the model's inputs (`learn.xb`, a tuple when
+    `n_inp > 1`), the rest its targets (`learn.yb`; None when the batch has none). After a fit the
+    model is left in eval mode, ready for inference (as fastai leaves it); `learn.predict(x)`
+    runs it on one item or a small batch.
 
     Example:
         >>> import torch
@@ -93,7 +106,7 @@ class Learner(LongRuns, CallbackHost):
     n_iter: int | None
     training: bool
     dl: Iterable[Any] | None
-    batch: Any
+    n_inp: int
     xb: Any
     yb: Any
     preds: Any
@@ -113,10 +126,11 @@ class Learner(LongRuns, CallbackHost):
         model: nn.Module,
         dls: DataLoaders,
         loss_func: Callable[..., Tensor] = F.cross_entropy,
-        lr: float = 1e-2,
-        cbs: Sequence[Callback] | None = None,
+        lr: float | None = DEFAULT_LR,
+        cbs: Callbacks = None,
         opt_func: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
         default_cbs: bool = True,
+        n_inp: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -131,11 +145,13 @@ class Learner(LongRuns, CallbackHost):
             raise TypeError(
                 f"loss_func must be callable, got {type(loss_func).__name__}."
             )
+        lr = DEFAULT_LR if lr is None else lr
         check_lr(lr, "Learner lr")
+        check_int(n_inp, "Learner n_inp", minimum=1)
         check_not_empty(dls.train, "train")
         super().__init__()
         self.model, self.dls, self.loss_func = model, dls, loss_func
-        self.lr, self.opt_func = lr, opt_func
+        self.lr, self.opt_func, self.n_inp = lr, opt_func, n_inp
         self.opt = None
         self.n_epochs = self.epoch = self.epochs_done = self.iter = 0
         self.n_iter = None
@@ -155,15 +171,81 @@ class Learner(LongRuns, CallbackHost):
         self._signals: Any = None  # the preempt_signals record of the running fit
         self._unshield: list[Callable[[], None]] = []  # undoes preempt.shield_workers
         self._check_loss = False  # set for each phase's first batch
+        self._no_targets = 0  # evaluation batches without targets (no loss) in this run
+        self._item_ndim: int | None = None  # dimensions of one input item (predict(x))
         self._warned_empty: set[bool] = (
             set()
         )  # phases (training?) whose empty loader was reported
-        user_cbs = list(cbs or [])
+        user_cbs = as_callbacks(cbs)
         for cb in user_cbs:
             check_callback(cb)
         defaults = _default_callbacks() if default_cbs else []
         replaced = displaced(defaults, user_cbs)
         self.add_cbs(*[d for d in defaults if d not in replaced], *user_cbs)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("predict")
+        if step is not None and not _takes_input(step):
+            # The course's `def predict(self)` overrides the step piece; learn.predict(x) still
+            # works on such a Learner, running that override on x.
+            @functools.wraps(step)
+            def predict(self: Learner, x: Any = _STEP) -> Any:
+                if x is _STEP:
+                    return step(self)
+                return self._infer(x)
+
+            cls.predict = predict  # type: ignore[method-assign]
+
+    # ---------------------------------------------------------------- the batch
+    @property
+    def batch(self) -> Any:
+        """The current batch. Setting it splits it into `xb` and `yb`; setting those rebuilds it."""
+        if self.xb is not self._split_xb or self.yb is not self._split_yb:
+            xs = (self.xb,) if self.n_inp == 1 else tuple(self.xb)
+            ys = (
+                ()
+                if self.yb is None
+                else self.yb
+                if isinstance(self.yb, tuple)
+                else (self.yb,)
+            )
+            self._batch = (*xs, *ys)
+            self._split_xb, self._split_yb = self.xb, self.yb
+        return self._batch
+
+    @batch.setter
+    def batch(self, batch: Any) -> None:
+        self._batch = batch
+        self.xb, self.yb, self._unsplit = self._split(batch)
+        self._split_xb, self._split_yb = self.xb, self.yb
+
+    def _split(self, batch: Any) -> tuple[Any, Any, str | None]:
+        """`(xb, yb, None)` for `batch`: its first `n_inp` items, then the rest (None if none).
+
+        A batch that cannot be split gives `(None, None, why)`: the loop raises `why` after
+        `before_batch`, so a hook there may still turn it into a tuple.
+        """
+        n = self.n_inp
+        if isinstance(batch, (tuple, list)) and len(batch) >= n:
+            rest = batch[n:]
+            yb = rest[0] if len(rest) == 1 else tuple(rest) if rest else None
+            return (batch[0] if n == 1 else tuple(batch[:n])), yb, None
+        if batch is None or (n == 1 and isinstance(batch, Tensor)):
+            return batch, None, None  # inputs only (a loader over a bare tensor)
+        if isinstance(batch, dict):
+            why = (
+                f"Batches must be (inputs, targets) tuples, got a dict with keys {list(batch)}: "
+                "pass collate_fn=collate_dict(dataset) to the DataLoader, or use DataLoaders.from_dd."
+            )
+        else:
+            why = (
+                f"Batches must be tuples or lists of inputs then targets, got {describe(batch)} "
+                f"(n_inp={n}, so at least {n} items): yield (x, y) from your DataLoader, set "
+                "Learner(n_inp=...) to the number of model inputs, or replace learn.batch in "
+                "before_batch."
+            )
+        return None, None, why
 
     @property
     def recorder(self) -> Recorder:
@@ -173,6 +255,16 @@ class Learner(LongRuns, CallbackHost):
                 return cb
         raise AttributeError(
             "No Recorder is attached: pass cbs=[Recorder()] to the Learner."
+        )
+
+    @property
+    def metrics(self) -> MetricsCB:
+        """The attached `MetricsCB` (miniai's `learn.metrics`): `.history`, `.metrics`."""
+        for cb in self.cbs:
+            if isinstance(cb, MetricsCB):
+                return cb
+        raise AttributeError(
+            "No MetricsCB is attached: pass cbs=[MetricsCB(...)] to the Learner."
         )
 
     def _where(self, event: str | None = None) -> str:
@@ -190,16 +282,39 @@ class Learner(LongRuns, CallbackHost):
         return f"the fit's end, epochs_done={self.epochs_done}"
 
     # ---------------------------------------------------------------- step pieces
-    def predict(self) -> None:
-        """Set `self.preds` from the model applied to `self.xb`."""
-        self.preds = self.model(self.xb)
+    def predict(self, x: Any = _STEP) -> Any:
+        """The step piece: set `self.preds` from the model applied to `self.xb` (`*xb` if `n_inp > 1`).
+
+        Called with `x` (one item, or a small batch), it is inference instead: the model's output
+        for `x`, detached, on the CPU, with no autograd graph and the model's train/eval mode
+        restored. One item (an input with the dimensions of the dataset's items, without the batch
+        dimension) gets a batch dimension of 1 added and removed. `x` must be prepared as the
+        model's inputs are (normalised, say): no transform of the loaders is applied.
+        """
+        if x is not _STEP:
+            return self._infer(x)
+        xb = self.xb
+        self.preds = self.model(*xb) if self.n_inp > 1 else self.model(xb)
 
     def get_loss(self) -> None:
-        """Set `self.loss` from `loss_func(preds, yb)` (several targets are passed as several arguments)."""
-        if isinstance(self.yb, tuple):
-            self.loss = self.loss_func(self.preds, *self.yb)
+        """Set `self.loss` from `loss_func(preds, yb)` (several targets are passed as several arguments).
+
+        A batch without targets has no loss: `self.loss` is None in evaluation (`get_preds`), and
+        an error in training.
+        """
+        yb = self.yb
+        if yb is None:
+            if self.training:
+                raise ValueError(
+                    f"This training batch has no targets (n_inp={self.n_inp}, and the batch "
+                    "holds only inputs): yield (inputs, targets) batches, or subclass Learner "
+                    "and override get_loss for a loss computed without targets."
+                )
+            self.loss = None
+        elif isinstance(yb, tuple):
+            self.loss = self.loss_func(self.preds, *yb)
         else:
-            self.loss = self.loss_func(self.preds, self.yb)
+            self.loss = self.loss_func(self.preds, yb)
 
     def backward(self) -> None:
         """Backpropagate `self.loss`."""
@@ -219,11 +334,13 @@ class Learner(LongRuns, CallbackHost):
         n_epochs: int = 1,
         train: bool = True,
         valid: bool = True,
-        cbs: Sequence[Callback] | None = None,
+        cbs: Callbacks = None,
         lr: float | None = None,
         resume: PathLike | None = None,
     ) -> None:
-        """Train for `n_epochs`; `cbs` are attached for this fit only, `lr` replaces the learning rate.
+        """Train for `n_epochs`; `cbs` (a callback or a list) are attached for this fit only.
+
+        `lr` replaces the learning rate (None keeps it).
 
         `resume` (a checkpoint file, or a CheckpointCB folder meaning its `last.pt`) restores the
         learner from it first and runs what remains up to `n_epochs` in all, from the next batch
@@ -240,7 +357,7 @@ class Learner(LongRuns, CallbackHost):
             check_lr(lr, "fit lr")
         if train:
             check_not_empty(self.dls.train, "train")
-        with self._attached(list(cbs or [])):
+        with self._attached(as_callbacks(cbs)):
             self._prepare_model()
             if isinstance(resume, str) and resume == "auto":
                 resume = self._auto_resume()
@@ -269,6 +386,7 @@ class Learner(LongRuns, CallbackHost):
                     )
             finally:
                 self._signals = None
+            self._warn_no_targets("fit")
 
     def fit_one_cycle(
         self,
@@ -278,7 +396,7 @@ class Learner(LongRuns, CallbackHost):
         div: float = 25.0,
         div_final: float = 1e5,
         moms: tuple[float, float, float] | None = (0.95, 0.85, 0.95),
-        cbs: Sequence[Callback] | None = None,
+        cbs: Callbacks = None,
         resume: PathLike | None = None,
     ) -> None:
         """Fit with fastai's one-cycle policy peaking at `lr_max` (default `self.lr`); see `OneCycle`.
@@ -294,7 +412,7 @@ class Learner(LongRuns, CallbackHost):
         for value in [lr_max] if isinstance(lr_max, (int, float)) else lr_max:
             check_lr(value, "fit_one_cycle lr_max")
         sched = one_cycle(self, n_epochs, lr_max, pct_start, div, div_final, moms)
-        self.fit(n_epochs, cbs=[sched, *(cbs or [])], resume=resume)
+        self.fit(n_epochs, cbs=[sched, *as_callbacks(cbs)], resume=resume)
 
     def lr_find(
         self,
@@ -303,7 +421,7 @@ class Learner(LongRuns, CallbackHost):
         num_it: int = 100,
         stop_div: bool = True,
         suggest: str = "valley",
-        cbs: Sequence[Callback] | None = None,
+        cbs: Callbacks = None,
     ) -> LRFindResult:
         """Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; return the suggestion.
 
@@ -320,7 +438,7 @@ class Learner(LongRuns, CallbackHost):
             )
         finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
         self._prepare_model()  # the sweep's snapshot is of the model as fit will train it
-        run_sweep(self, finder, list(cbs or []))
+        run_sweep(self, finder, as_callbacks(cbs))
         return finder.result(suggest)
 
     def _prepare_model(self) -> None:
@@ -346,7 +464,7 @@ class Learner(LongRuns, CallbackHost):
     def _run_fit(self, n_epochs: int, train: bool, valid: bool, start: int = 0) -> None:
         # At before_fit, learn.epoch is the first epoch to run (learn.resumed_from says why).
         self.epoch = self.epochs_done = start
-        self._warned_empty = set()
+        self._warned_empty, self._no_targets = set(), 0
         failure: BaseException | None = None
         try:
             self._fire("before_fit", n_epochs=n_epochs)
@@ -492,22 +610,30 @@ class Learner(LongRuns, CallbackHost):
         # The batch level is written out, not run by _run_level: after_batch passes the loss,
         # which before_batch cannot. One try notes which step piece failed (`piece`), rather
         # than a guarding call around each piece: a call costs about as much as a hook.
-        self.iter, self.batch = i, batch
+        self.iter = i
         self.preds = self.loss = None  # a cancelled batch must not show the last one's
         fire = self._fire
         piece = "split"
         try:
+            # Split before before_batch, so its hooks see this batch's xb/yb (and may replace
+            # them, or the whole batch: fastai's idiom and miniai's both reach the model).
+            self.batch = batch
             fire("before_batch", iter=i)
-            self._split_batch(self.batch)
+            if self._unsplit is not None and self.xb is None:
+                raise TypeError(self._unsplit)
             piece = "predict"
             self.predict()
             fire("after_pred", preds=self.preds)
             piece = "get_loss"
             self.get_loss()
-            if self._check_loss:  # each phase's first batch
-                self._check_loss = False
-                check_loss(self.loss, self.loss_func)
-            fire("after_loss", loss=self.loss)
+            if self.loss is None and not self.training:
+                # Predictions only (a batch without targets): no loss, so no after_loss.
+                self._no_targets += 1
+            else:
+                if self._check_loss:  # each phase's first batch
+                    self._check_loss = False
+                    check_loss(self.loss, self.loss_func)
+                fire("after_loss", loss=self.loss)
             if self.training:
                 piece = "backward"
                 self._run_level("backward", self.backward, loss=self.loss)
@@ -541,21 +667,6 @@ class Learner(LongRuns, CallbackHost):
             note += f", loss {describe(self.loss)}"
         add_note(e, note + ".")
 
-    def _split_batch(self, batch: Any) -> None:
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            self.xb = batch[0]
-            self.yb = batch[1] if len(batch) == 2 else tuple(batch[1:])
-            return
-        if isinstance(batch, dict):
-            raise TypeError(
-                f"Batches must be (inputs, targets) tuples, got a dict with keys {list(batch)}: "
-                "pass collate_fn=collate_dict(dataset) to the DataLoader, or use DataLoaders.from_dd."
-            )
-        raise TypeError(
-            f"Batches must be (inputs, targets) tuples or lists, got {describe(batch)}: "
-            "yield (x, y) from your DataLoader, or override Learner.predict/get_loss."
-        )
-
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: PathLike) -> Learner:
         """Write a checkpoint (model, optimizer, callback states, counters, RNG states) atomically to `path`.
@@ -581,7 +692,7 @@ class Learner(LongRuns, CallbackHost):
 
     # ---------------------------------------------------------------- inference
     def validate(
-        self, dl: Iterable[Any] | None = None, cbs: Sequence[Callback] | None = None
+        self, dl: Iterable[Any] | None = None, cbs: Callbacks = None
     ) -> dict[str, Any]:
         """Loss and metrics over `dl` (default `dls.valid`), without touching the weights.
 
@@ -589,18 +700,57 @@ class Learner(LongRuns, CallbackHost):
         what the metrics callback logged, e.g. `{'valid_loss': 0.31, 'accuracy': 0.9}`.
         The model's train/eval mode is left as it was found.
         """
-        return self._evaluate(dl, list(cbs or []))
+        log = self._evaluate(dl, as_callbacks(cbs))
+        self._warn_no_targets("validate")
+        return log
 
     def get_preds(
-        self, dl: Iterable[Any] | None = None, cbs: Sequence[Callback] | None = None
+        self, dl: Iterable[Any] | None = None, cbs: Callbacks = None
     ) -> tuple[Tensor, Any]:
         """Predictions and targets over `dl` (default `dls.valid`), on the CPU, with no autograd graph.
 
-        Several targets per batch come back as a tuple of tensors. The model's mode is kept.
+        Several targets per batch come back as a tuple of tensors; batches without targets
+        (a `TensorDataset(x)`, an unlabelled test split) give `(preds, None)`. The model's mode
+        is kept.
         """
         gather = GatherPredsCB()
-        self._evaluate(dl, [gather, *(cbs or [])])
+        self._evaluate(dl, [gather, *as_callbacks(cbs)])
         return gather.result()
+
+    def _warn_no_targets(self, what: str) -> None:
+        """Say that evaluation batches had no targets, so their loss and metrics are absent."""
+        if self._no_targets:
+            warnings.warn(
+                f"{what}: {self._no_targets} validation batches had no targets (n_inp="
+                f"{self.n_inp}), so they have no loss and no metrics; use get_preds() for "
+                "predictions, or yield (inputs, targets) batches.",
+                stacklevel=3,
+            )
+
+    def _infer(self, x: Any) -> Any:
+        """`predict(x)`: the model's output for one item or a small batch `x`, on the CPU."""
+        if not isinstance(x, (Tensor, tuple, list)):
+            x = torch.as_tensor(x)  # a numpy array
+        if self._item_ndim is None:
+            loaders = (self.dls.valid, self.dls.train)
+            self._item_ndim = item_ndim(loaders, self._split, self.n_inp)
+        first = x if self.n_inp == 1 else x[0]
+        one = isinstance(first, Tensor) and first.dim() == self._item_ndim
+        xb = to_device(item_batch(x) if one else x, model_device(self.model))
+        saved = self._batch, self.xb, self.yb, self.preds, self._unsplit
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.batch = (xb,) if self.n_inp == 1 else tuple(xb)
+                self.predict()  # the step piece: a subclass's own forward is honoured
+                out = map_tensors(lambda t: t.detach().cpu(), self.preds)
+        finally:
+            self.model.train(was_training)
+            self.batch = saved[0]
+            self.xb, self.yb, self.preds, self._unsplit = saved[1:]
+            self._split_xb, self._split_yb = self.xb, self.yb
+        return map_tensors(lambda t: t[0], out) if one else out
 
     def _evaluate(
         self, dl: Iterable[Any] | None, extra: list[Callback]
@@ -610,7 +760,7 @@ class Learner(LongRuns, CallbackHost):
         if dl is None:
             raise ValueError("No data to evaluate: dls.valid is None; pass dl=... .")
         saved, self.epoch_log = self.epoch_log, {}
-        self._warned_empty = set()
+        self._warned_empty, self._no_targets = set(), 0
         try:
             with self._attached(extra):
                 try:
@@ -629,6 +779,17 @@ class Learner(LongRuns, CallbackHost):
 
     def __repr__(self) -> str:
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
+
+
+def _takes_input(method: Callable[..., Any]) -> bool:
+    """Whether `method(self, x)` can be called: a `predict` override with an input parameter."""
+    try:
+        inspect.signature(method).bind(object(), object())
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: assume it does
+        return True
+    return True
 
 
 _PIECES = {

@@ -303,7 +303,7 @@ class DistributedCB(Callback):
                 xb = self._any_inputs(learn)
             with torch.no_grad():
                 for _ in range(missing):
-                    learn.model(xb)
+                    learn.model(*xb) if learn.n_inp > 1 else learn.model(xb)
 
     def _any_inputs(self, learn: Learner) -> Any:
         """Inputs of one batch of the loader this process's empty validation shard came from."""
@@ -312,7 +312,11 @@ class DistributedCB(Callback):
             learn.dl,
         )
         batch = next(iter(source))
-        xb = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n = learn.n_inp
+        if isinstance(batch, (tuple, list)):
+            xb = batch[0] if n == 1 else tuple(batch[:n])
+        else:
+            xb = batch
         first = next(learn.model.parameters())
         return to_device(xb, first.device)
 
