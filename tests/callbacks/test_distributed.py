@@ -131,6 +131,17 @@ class TestUnderTorchrun:
                 valid_loss, rel=1e-5
             )
 
+    def test_function_metrics_match_single_process(self, ddp_run, single_run):
+        """A function metric is the mean over the rows of every process, as in one process."""
+        expected = single_run["preds"].softmax(-1)[:, 0].mean().item()
+        for r in (0, 1):
+            log = ddp_run[r]["fn_validate"]
+            assert log["first_prob"] == pytest.approx(expected, rel=1e-5)
+            assert log["accuracy_2"] == pytest.approx(log["accuracy"], rel=1e-6)
+            assert log["accuracy"] == pytest.approx(
+                single_run["epoch_log"]["accuracy"], rel=1e-6
+            )
+
     def test_get_preds_in_dataset_order(self, ddp_run, single_run):
         """get_preds returns every prediction in dataset order: the fit's loader, a new one, a shuffled one."""
         for r in (0, 1):
