@@ -356,3 +356,13 @@ def test_no_warning_in_ordinary_runs():
         learn.fit(1)
         learn.validate()
         learn.get_preds()
+
+
+def test_add_and_remove_lists():
+    """fastai's learn.add_cbs([...]) / remove_cbs([...]) take lists, as learnloop's take varargs."""
+    a, b = hooked("after_batch"), hooked("before_fit")
+    learn = learner()
+    learn.add_cbs([a, b])
+    assert a in learn.cbs and b in learn.cbs
+    learn.remove_cbs([a, b])
+    assert a not in learn.cbs and b not in learn.cbs

@@ -52,6 +52,15 @@ def displaced(
     ]
 
 
+def _flat(cbs: tuple[Callback | Sequence[Callback], ...]) -> tuple[Callback, ...]:
+    """`cbs` with lists and tuples among them opened: `add_cbs(a, b)` and `add_cbs([a, b])` alike."""
+    return tuple(
+        cb
+        for item in cbs
+        for cb in (item if isinstance(item, (list, tuple)) else [item])
+    )
+
+
 class CallbackHost:
     """Holds `cbs` in `order` and fires events at them; the Learner's base class."""
 
@@ -62,8 +71,9 @@ class CallbackHost:
         self._table: Table = {}
 
     # ---------------------------------------------------------------- callbacks
-    def add_cbs(self, *cbs: Callback) -> CallbackHost:
-        """Attach callbacks (checked first: instances, hook names, hook signatures)."""
+    def add_cbs(self, *cbs: Callback | Sequence[Callback]) -> CallbackHost:
+        """Attach callbacks, given one by one or as lists (fastai's `add_cbs([...])`), checked first."""
+        cbs = _flat(cbs)
         for i, cb in enumerate(cbs):
             check_callback(cb)
             if any(cb is c for c in [*self.cbs, *cbs[:i]]):
@@ -74,8 +84,9 @@ class CallbackHost:
         self._table = dispatch_table(self.cbs)
         return self
 
-    def remove_cbs(self, *cbs: Callback) -> CallbackHost:
-        """Detach callbacks that were attached with `cbs=` or `add_cbs`."""
+    def remove_cbs(self, *cbs: Callback | Sequence[Callback]) -> CallbackHost:
+        """Detach callbacks that were attached with `cbs=` or `add_cbs` (one by one or as lists)."""
+        cbs = _flat(cbs)
         for cb in cbs:
             if not any(cb is c for c in self.cbs):
                 raise ValueError(
