@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -78,3 +81,109 @@ def training_loop(learn, capsys) -> dict[str, str]:
     capsys.readouterr()
     learn.show_training_loop()
     return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+
+
+class FakeKernel:
+    """A stand-in for a Jupyter kernel, in this process: `install` makes `in_notebook()` true and
+    records what is displayed. `outputs` has one entry per output of the running cell, the list of
+    every bundle it was drawn with (a display handle's updates replace it in place, as in Jupyter);
+    `end_cell()` fires the kernel's `post_run_cell` event."""
+
+    def __init__(self) -> None:
+        from IPython.core.events import EventManager, available_events
+
+        # What learnloop.notebook.in_notebook looks for.
+        self.config = {"IPKernelApp": {}}
+        self.events = EventManager(self, available_events)
+        self.outputs: list[list[dict]] = []
+
+    def showtraceback(self) -> None:
+        # EventManager.trigger calls this in its `except`: the callback's error fails the test.
+        raise sys.exc_info()[1]
+
+    def install(self, monkeypatch) -> FakeKernel:
+        import IPython
+        import IPython.display
+
+        from learnloop import notebook
+
+        monkeypatch.setattr(IPython, "get_ipython", lambda: self)
+        monkeypatch.setattr(IPython.display, "display", self.display)
+        # A new kernel: no figures left waiting by an earlier test's cell.
+        monkeypatch.setattr(notebook, "_pending", [])
+        return self
+
+    def display(self, *objs, raw=False, display_id=None, **kwargs):
+        """IPython's display: an object's `_ipython_display_` first, else a text/plain repr."""
+        for obj in objs:
+            if raw:
+                self.outputs.append([obj])
+            elif hasattr(obj, "_ipython_display_"):
+                obj._ipython_display_()
+            else:
+                self.outputs.append([{"text/plain": repr(obj)}])
+        if display_id:
+            index = len(self.outputs) - 1
+            outputs = self.outputs
+
+            class Handle:
+                def update(self, obj, raw=False, **kwargs):
+                    assert raw, "learnloop updates displays with mimebundles"
+                    outputs[index].append(obj)
+
+            return Handle()
+        return None
+
+    def end_cell(self) -> None:
+        self.events.trigger("post_run_cell", None)
+
+    def shown(self) -> list[dict]:
+        """Each output as it looks now (its last bundle)."""
+        return [states[-1] for states in self.outputs]
+
+    def images(self) -> int:
+        """How many outputs show an image now."""
+        return sum("image/png" in data for data in self.shown())
+
+
+def notebook_kernel_spec(workdir: Path) -> str:
+    """A Jupyter kernel spec under `workdir` running this interpreter with this checkout's learnloop;
+    returns its name (set JUPYTER_PATH to `workdir` for Jupyter to find it)."""
+    kernel_dir = workdir / "kernels" / "learnloop-test"
+    kernel_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "learnloop test",
+        "language": "python",
+        "env": {"PYTHONPATH": str(SRC)},
+    }
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    return "learnloop-test"
+
+
+def run_notebook(nb, workdir: Path, timeout: int = 120):
+    """Execute the nbformat notebook `nb` headless, in place, in `workdir`, on a fresh kernel of this
+    interpreter (skips the test where nbclient or ipykernel is missing); returns `nb`."""
+    import pytest
+
+    nbclient = pytest.importorskip("nbclient")
+    if importlib.util.find_spec("ipykernel") is None:
+        pytest.skip(
+            "ipykernel is not installed, so there is no kernel to run the notebook"
+        )
+    name = notebook_kernel_spec(workdir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(workdir))
+        client = nbclient.NotebookClient(
+            nb,
+            kernel_name=name,
+            timeout=timeout,
+            resources={"metadata": {"path": str(workdir)}},
+        )
+        client.execute()
+    return nb
+
+
+def png_outputs(cell) -> int:
+    """How many outputs of an executed notebook cell are images."""
+    return sum("image/png" in o.get("data", {}) for o in cell.outputs)

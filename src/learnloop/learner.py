@@ -422,15 +422,20 @@ class Learner(LongRuns, CallbackHost):
         stop_div: bool = True,
         suggest: str = "valley",
         cbs: Callbacks = None,
+        show_plot: bool | None = None,
     ) -> LRFindResult:
         """Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; return the suggestion.
 
         The learner is restored afterwards, bit for bit (see `learnloop.callbacks.lr_finder`).
         `suggest` is 'valley' (fastai's default), 'steep' (steepest fall of the loss) or
         'minimum' (a tenth of the lr at the lowest loss); `stop_div` stops when the loss diverges.
-        The result is a float with the sweep attached: `.plot()` draws it.
+        The result is a float with the sweep attached: `.plot()` draws it. `show_plot` shows
+        that plot, the suggestion marked, at the end of the notebook cell (so `lr = learn.lr_find()`
+        shows it); None (the default) shows it in a notebook only, False never. Outside a
+        notebook nothing is drawn: save it with `lr.plot().savefig("lr.png")`.
         """
         from .callbacks.lr_finder import SUGGESTERS, LRFinderCB, run_sweep
+        from .notebook import in_notebook
 
         if suggest not in SUGGESTERS:
             raise ValueError(
@@ -439,7 +444,14 @@ class Learner(LongRuns, CallbackHost):
         finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
         self._prepare_model()  # the sweep's snapshot is of the model as fit will train it
         run_sweep(self, finder, as_callbacks(cbs))
-        return finder.result(suggest)
+        result = finder.result(suggest)
+        if show_plot is not False and in_notebook():
+            result.plot()  # a notebook shows it when the cell ends (learnloop.figure)
+        elif show_plot:
+            log.info(
+                "lr_find shows its plot in a notebook only: lr.plot().savefig(...)"
+            )
+        return result
 
     def _prepare_model(self) -> None:
         """Let DistributedCB shard the model (strategy 'fsdp') before an optimizer or a load uses it."""

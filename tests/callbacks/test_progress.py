@@ -6,7 +6,7 @@ import io
 import re
 
 import pytest
-from helpers import count_host_reads, make_data
+from helpers import FakeKernel, count_host_reads, make_data
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -23,6 +23,11 @@ from learnloop import (
     ProgressCB,
 )
 from learnloop.callbacks.progress import merge_columns
+
+
+@pytest.fixture
+def kernel(monkeypatch) -> FakeKernel:
+    return FakeKernel().install(monkeypatch)
 
 
 class FakeTTY(io.StringIO):
@@ -107,28 +112,109 @@ def test_bars_closed_after_error(tqdm_bars):
     ]
 
 
-def test_notebook_live_plot(monkeypatch):
-    """In a notebook with plot=True, the loss figure is displayed once and then updated in place."""
-    import IPython.display
-    from matplotlib.figure import Figure
+def notebook_fit(kernel, epochs=3, cbs=(), **kw) -> Learner:
+    """`fit` with the default ProgressCB (or one made with `kw`) in the fake notebook `kernel`."""
+    dls = DataLoaders(
+        DataLoader(make_data(64), batch_size=16),
+        DataLoader(make_data(32, seed=1), batch_size=16),
+    )
+    progress = [ProgressCB(**kw)] if kw else []
+    learn = Learner(nn.Linear(4, 3), dls, cbs=[MetricsCB(Accuracy()), *progress])
+    learn.fit(epochs, cbs=list(cbs))
+    return learn
 
-    from learnloop.callbacks import progress
 
-    shown = []
+def bar_texts(kernel, label: str) -> list[str]:
+    """Every text/plain the bar that was ever labelled `label` was drawn with, in order."""
+    (states,) = [
+        s for s in kernel.outputs if any(d["text/plain"].startswith(label) for d in s)
+    ]
+    return [d["text/plain"] for d in states]
 
-    class Handle:
-        def update(self, fig):
-            shown.append(("update", fig))
 
-    def display(fig, display_id=False):
-        shown.append(("display", fig))
-        return Handle()
+class TestNotebook:
+    """In a notebook (no ipywidgets needed): bars, table and plot are one output each, updated in place."""
 
-    monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    monkeypatch.setattr(IPython.display, "display", display)
-    fit(io.StringIO(), epochs=3, plot=True, mininterval=3600)
-    assert [kind for kind, _ in shown] == ["display", "update", "update"]
-    assert all(isinstance(fig, Figure) for _, fig in shown)
+    def test_one_output_each(self, kernel, capsys):
+        """A 3-epoch fit shows an epoch bar, a batch bar cleared at the end and a table of 3 rows, nothing printed."""
+        notebook_fit(kernel, epochs=3)
+        epoch_bar, batch_bar, table = kernel.shown()
+        assert "<progress" in epoch_bar["text/html"]
+        assert (
+            epoch_bar["text/plain"].startswith("epoch: 100%")
+            and "3/3" in epoch_bar["text/plain"]
+        )
+        assert batch_bar == {"text/html": "", "text/plain": ""}
+        lines = table["text/plain"].splitlines()
+        assert lines[0].split() == [
+            "epoch",
+            "train_loss",
+            "valid_loss",
+            "accuracy",
+            "time",
+        ]
+        assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2"]
+        assert capsys.readouterr().out == ""
+
+    def test_batch_bar_never_shows_last_phase(self, kernel):
+        """Once validation starts, the batch bar never shows 'train' or the training loss, nor 'valid' in training."""
+        notebook_fit(kernel, epochs=2, mininterval=0.0)
+        texts = [t for t in bar_texts(kernel, "train") if t]
+        phase, last_train_loss, seen = None, None, set()
+        for text in texts:
+            label = text.split(":")[0]
+            if label != phase:  # a phase starts: its label, no loss yet
+                assert "loss" not in text, text
+                phase = label
+            seen.add(phase)
+            loss = re.search(r"loss \d\.\d+", text)
+            if phase == "train" and loss:
+                last_train_loss = loss.group()
+            if phase == "valid":
+                assert "train" not in text and (last_train_loss or "-") not in text, (
+                    text
+                )
+        assert seen == {"train", "valid"} and last_train_loss
+        assert [t.split(":")[0] for t in texts].count("valid") >= 2
+
+    def test_counts_drawn_once_per_interval(self, kernel):
+        """200 batches with an hour's refresh interval draw the batch bar a handful of times, not per batch."""
+        dls = DataLoaders(DataLoader(make_data(800), batch_size=4), None)
+        Learner(nn.Linear(4, 3), dls, cbs=[ProgressCB(mininterval=3600)]).fit(1)
+        assert len(bar_texts(kernel, "train")) <= 4
+
+    def test_live_plot_one_image(self, kernel):
+        """plot=True shows one image, redrawn in place each epoch; the cell's end adds none."""
+        notebook_fit(kernel, epochs=3, plot=True, mininterval=3600)
+        kernel.end_cell()
+        assert kernel.images() == 1
+        (plot,) = [s for s in kernel.outputs if "image/png" in s[-1]]
+        assert len(plot) == 3
+        # Under the table: epoch bar, batch bar, table, plot.
+        assert [i for i, s in enumerate(kernel.outputs) if s is plot] == [3]
+
+    def test_validate_outside_fit(self, kernel):
+        """validate() outside a fit shows only a batch bar, cleared when it ends."""
+        learn = notebook_fit(kernel, epochs=1)
+        kernel.outputs.clear()
+        learn.validate()
+        assert len(kernel.outputs) == 1
+        assert kernel.outputs[0][0]["text/plain"].startswith("valid")
+        assert kernel.shown() == [{"text/html": "", "text/plain": ""}]
+
+    def test_file_given_writes_there(self, kernel):
+        """A ProgressCB given a file writes its table there, not to the notebook's outputs."""
+        out = io.StringIO()
+        notebook_fit(kernel, epochs=2, file=out)
+        assert kernel.outputs == [] and len(out.getvalue().splitlines()) == 3
+
+    def test_silent_off_rank_zero(self, kernel, monkeypatch):
+        """Under torchrun, a process other than rank 0 shows nothing in the notebook."""
+        from learnloop.callbacks import progress
+
+        monkeypatch.setattr(progress, "is_main_process", lambda: False)
+        notebook_fit(kernel, epochs=2, plot=True)
+        assert kernel.outputs == []
 
 
 def test_one_batch_bar_per_fit(tqdm_bars):

@@ -1,18 +1,21 @@
-"""Image plots: show_image, subplots, get_grid, show_images."""
+"""Image plots: show_image, subplots, get_grid, show_images, and DataLoaders.show_batch."""
 
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 plt = pytest.importorskip("matplotlib.pyplot")
 
-from learnloop.data import get_grid, show_image, show_images, subplots
+from learnloop.data import DataLoaders, get_grid, show_image, show_images, subplots
+from learnloop.figure import NotebookFigure
 
 
 @pytest.fixture(autouse=True)
@@ -91,3 +94,54 @@ def test_import_is_light():
         [sys.executable, "-c", code], check=False, capture_output=True, text=True
     )
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def batch_dls(images: torch.Tensor) -> DataLoaders:
+    """DataLoaders whose training loader yields `images` and their labels 0..N-1 in one batch."""
+    ds = TensorDataset(images, torch.arange(len(images)))
+    return DataLoaders(DataLoader(ds, batch_size=len(images)), None)
+
+
+class TestShowBatch:
+    @pytest.mark.parametrize(
+        ("images", "shown"),
+        [
+            (torch.rand(6, 5, 7), (5, 7)),  # (N, H, W)
+            (torch.rand(6, 3, 5, 7), (5, 7, 3)),  # (N, C, H, W)
+            (torch.rand(6, 64), (8, 8)),  # flattened grey, H == W
+            (torch.rand(6, 3 * 16), (4, 4, 3)),  # flattened RGB (N, 3*H*W)
+        ],
+    )
+    def test_shapes(self, images, shown):
+        """Image batches show as they are; flattened square ones are made square again."""
+        fig = batch_dls(images).show_batch(n=4)
+        drawn = [ax for ax in fig.axes if ax.images]
+        assert len(drawn) == 4 and [ax.get_title() for ax in drawn] == [
+            "0",
+            "1",
+            "2",
+            "3",
+        ]
+        assert all(ax.images[0].get_array().shape == shown for ax in drawn)
+
+    def test_flattened_pixels_in_place(self):
+        """A flattened image is drawn row by row, as it was before flattening."""
+        image = torch.arange(16.0).reshape(4, 4) / 15
+        fig = batch_dls(image.reshape(1, 16)).show_batch(n=1)
+        assert np.allclose(fig.axes[0].images[0].get_array(), image.numpy())
+
+    @pytest.mark.parametrize("shape", [(6, 10), (6,), (6, 2, 3, 4, 5)])
+    def test_not_images(self, shape):
+        """Inputs that are not images, flattened or not, say which shapes work and which came."""
+        with pytest.raises(
+            ValueError,
+            match=rf"show_batch needs images.*got inputs of shape {re.escape(str(shape))}",
+        ):
+            batch_dls(torch.rand(*shape)).show_batch()
+
+    def test_grid_and_no_pyplot(self):
+        """The grid holds n images (unused axes hidden), sized imsize per image, on a figure pyplot does not hold."""
+        fig = batch_dls(torch.rand(6, 64)).show_batch(n=5, ncols=3, imsize=1)
+        assert isinstance(fig, NotebookFigure) and plt.get_fignums() == []
+        assert [bool(ax.images) for ax in fig.axes] == [True] * 5 + [False]
+        assert tuple(fig.get_size_inches()) == (3, 2)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import png_outputs, run_notebook
 from image_helpers import image_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def load(name: str) -> ModuleType:
@@ -75,32 +74,19 @@ def test_notebook_stored_without_outputs():
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
 
 
-def test_notebook_runs(tmp_path, monkeypatch):
-    """The notebook executes headless, top to bottom, on this interpreter's kernel."""
+def test_notebook_runs(tmp_path):
+    """The notebook executes headless on this interpreter's kernel and shows its figures.
+
+    Default install, no `%matplotlib inline`: show_batch, `lr = learn.lr_find()` (assigned, so
+    shown for its effect) and the live loss plot of ProgressCB(plot=True) each show an image.
+    """
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    if importlib.util.find_spec("ipykernel") is None:
-        pytest.skip(
-            "ipykernel is not installed, so there is no kernel to run the notebook"
-        )
-    kernel_dir = tmp_path / "kernels" / "learnloop-test"
-    kernel_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "learnloop test",
-        "language": "python",
-        "env": {"PYTHONPATH": str(SRC)},
-    }
-    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
-    nb = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
-    client = nbclient.NotebookClient(
-        nb,
-        kernel_name="learnloop-test",
-        timeout=120,
-        resources={"metadata": {"path": str(tmp_path)}},
+    nb = run_notebook(
+        nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4), tmp_path
     )
-    client.execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs)
+    for shows in ("show_batch(", "lr = learn.lr_find()", "ProgressCB(plot=True)"):
+        (cell,) = [c for c in code if shows in c.source]
+        assert png_outputs(cell) == 1, f"the cell with {shows} shows no image"

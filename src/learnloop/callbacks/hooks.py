@@ -238,9 +238,9 @@ class ActivationStatsCB(Callback):
     # ---------------------------------------------------------------- plots
     def plot_stats(self, figsize: tuple[float, float] = (10, 4)) -> Figure:
         """Means and standard deviations of each layer's activations over the training batches."""
-        from matplotlib.figure import Figure
+        from ..figure import new_figure
 
-        fig = Figure(figsize=figsize)
+        fig = new_figure(figsize=figsize)
         for ax, values, title in zip(
             fig.subplots(1, 2), (self.means, self.stds), ("means", "stds")
         ):
@@ -254,12 +254,12 @@ class ActivationStatsCB(Callback):
 
     def color_dim(self, figsize: tuple[float, float] | None = None) -> Figure:
         """Each layer's activation histogram over the batches as an image (log scale, small values below)."""
-        from matplotlib.figure import Figure
+        from ..figure import new_figure
 
         hists = self.hists
         cols = min(len(self.names), 4)
         rows = math.ceil(len(self.names) / cols)
-        fig = Figure(figsize=figsize or (3 * cols, 2.5 * rows))
+        fig = new_figure(figsize=figsize or (3 * cols, 2.5 * rows))
         axes = fig.subplots(rows, cols, squeeze=False).flatten()
         lo, hi = self.hist_range
         for ax, name, h in zip(axes, self.names, hists):
@@ -279,9 +279,9 @@ class ActivationStatsCB(Callback):
 
     def dead_chart(self, figsize: tuple[float, float] = (6, 4)) -> Figure:
         """Share of near-zero activations (the histogram's first bin) per layer over the batches."""
-        from matplotlib.figure import Figure
+        from ..figure import new_figure
 
-        fig = Figure(figsize=figsize)
+        fig = new_figure(figsize=figsize)
         ax = fig.add_subplot()
         for name, row in zip(self.names, self.dead):
             ax.plot(row.numpy(), label=name)

@@ -109,9 +109,9 @@ class LRFindResult(float):
 
     def plot(self) -> Figure:
         """Smoothed loss against learning rate (log axis), the suggestion marked."""
-        from matplotlib.figure import Figure
+        from ..figure import new_figure
 
-        fig = Figure(figsize=(6, 4))
+        fig = new_figure(figsize=(6, 4))
         ax = fig.add_subplot()
         ax.plot(self.lrs, self.losses, alpha=0.3, label="loss (raw)")
         ax.plot(self.lrs, self.smoothed, label="loss (smoothed)")

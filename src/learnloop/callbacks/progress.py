@@ -1,7 +1,9 @@
-"""`ProgressCB`: tqdm bars for epochs and batches, and the per-epoch table of metrics.
+"""`ProgressCB`: progress bars for epochs and batches, and the per-epoch table of metrics.
 
-On a terminal: an epoch bar, a batch bar with the running loss, and the table above them.
-In a notebook: tqdm's widget and, with `plot=True`, a live loss plot. Where the output is
+On a terminal: tqdm's epoch bar, a batch bar with the running loss, and the table above them.
+In a notebook (with or without ipywidgets): the same bars and table, each one output updated in
+place (`learnloop.notebook`: tqdm's text bars stack in Jupyter, which ignores their cursor-up
+escapes), and with `plot=True` a live loss plot, one image updated in place. Where the output is
 not a terminal (CI logs, `> file`): no bars and no carriage returns, one line per epoch.
 The running loss is read (a host sync) only when the bar's refresh interval has passed.
 Under torchrun only rank 0 writes anything; the other processes stay silent.
@@ -15,6 +17,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 
 from ..dist import is_main_process
+from ..notebook import LiveOutput, NotebookBar, in_notebook, mark_shown
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -23,15 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["ProgressCB"]
 
 log = logging.getLogger(__name__)
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel."""
-    ipython = sys.modules.get("IPython")
-    if ipython is None:
-        return False
-    shell = ipython.get_ipython()
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -71,9 +65,12 @@ class ProgressCB(Callback):
     in the first epoch, say) prints the header again. Each phase starts the batch bar afresh,
     with its own label and no loss; the bars are closed when the fit ends, however it ends.
 
+    In a notebook each bar, the table and the plot are one output, updated in place; the batch
+    bar is cleared when the fit ends.
+
     Args:
         plot: in a notebook, redraw the loss plot live (needs a Recorder).
-        file: where to write (default: sys.stdout at fit time).
+        file: where to write (default: sys.stdout at fit time, or the notebook's outputs).
         bar: force the bars on or off; None shows them on a terminal or in a notebook.
         mininterval: seconds between bar refreshes (and running-loss reads).
 
@@ -100,22 +97,18 @@ class ProgressCB(Callback):
         self._batch_bar: Any = None
         self._columns: list[str] = []
         self._widths: list[int] = []
-        self._plot_handle: Any = None
+        self._plot_out: LiveOutput | None = None
+        self._table: LiveOutput | None = None
+        self._lines: list[str] = []
         self._bars: bool | None = None
         self._in_fit = False
         self._pending = 0
         self._drawn = 0.0
-        self._silent = False
+        self._silent = self._notebook = self._live = False
 
     def _tqdm(self) -> Any:
-        if self._notebook:
-            try:
-                import ipywidgets  # noqa: F401
-                from tqdm.notebook import tqdm
-
-                return tqdm
-            except ImportError:
-                pass
+        if self._live:
+            return NotebookBar
         from tqdm import tqdm
 
         return tqdm
@@ -125,15 +118,17 @@ class ProgressCB(Callback):
         self._silent = not is_main_process()
         self._out = self.file if self.file is not None else sys.stdout
         self._notebook = in_notebook() and not self._silent
+        # Bars and table as notebook outputs, unless a file was asked for.
+        self._live = self._notebook and self.file is None
         isatty = getattr(self._out, "isatty", lambda: False)()
-        self._bars = self.bar if self.bar is not None else (isatty or self._notebook)
+        self._bars = self.bar if self.bar is not None else (isatty or self._live)
         self._bars = self._bars and not self._silent
 
     def before_fit(self, learn: Learner, n_epochs: int, **kwargs: Any) -> None:
         self._setup()
         self._in_fit = True
         self._columns, self._widths = [], []
-        self._plot_handle = None
+        self._plot_out = None
         if self.plot and not self._notebook:
             log.info(
                 "ProgressCB(plot=True) draws live plots only in a notebook; use learn.recorder.plot_loss()."
@@ -147,6 +142,13 @@ class ProgressCB(Callback):
                 mininterval=self.mininterval,
                 dynamic_ncols=True,
             )
+        if self._live:
+            # The notebook's outputs in their order, bars above the table above the plot: the
+            # batch bar's (blank until the first phase sets it) and the table's made now.
+            if self._bars:
+                self._batch_bar = NotebookBar(leave=False, visible=False)
+            self._lines, self._table = [], LiveOutput()
+            self._table.update({"text/plain": ""})
 
     def _start_batches(self, learn: Learner, desc: str) -> None:
         if self._bars is None:  # validate()/get_preds() outside a fit
@@ -235,6 +237,7 @@ class ProgressCB(Callback):
             self._epoch_bar.close()
             self._epoch_bar = None
         self._bars = None
+        self._table = self._plot_out = None
 
     def _close_batch_bar(self) -> None:
         self._flush_count()
@@ -245,7 +248,10 @@ class ProgressCB(Callback):
     def _write(self, line: str) -> None:
         if self._silent:
             return
-        if self._bars:
+        if self._table is not None:  # in a notebook: the whole table, one output
+            self._lines.append(line)
+            self._table.update({"text/plain": "\n".join(self._lines)})
+        elif self._bars:
             from tqdm import tqdm
 
             tqdm.write(line, file=self._out)
@@ -257,11 +263,11 @@ class ProgressCB(Callback):
             recorder = learn.recorder
         except AttributeError:
             return
-        from IPython.display import display
+        from ..figure import png_data  # imports matplotlib, as plot_loss just did
 
         self._drawn = time.monotonic()
         fig = recorder.plot_loss()
-        if self._plot_handle is None:
-            self._plot_handle = display(fig, display_id=True)
-        else:
-            self._plot_handle.update(fig)
+        mark_shown(fig)  # shown here, in place: not again when the cell ends
+        if self._plot_out is None:
+            self._plot_out = LiveOutput()
+        self._plot_out.update(png_data(fig))

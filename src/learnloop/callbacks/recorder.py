@@ -113,14 +113,15 @@ class Recorder(Callback):
         """Raw and smoothed training loss per batch, and validation loss per epoch.
 
         `beta` is the smoothing decay; by default it averages over about a twentieth of the
-        run (at most 50 batches), so a short run's curve does not lag behind its data.
+        run (at most 50 batches), so a short run's curve does not lag behind its data. In a
+        notebook the figure shows itself, as the cell's value or at its end (`learnloop.figure`).
         """
-        from matplotlib.figure import Figure
+        from ..figure import new_figure
 
         losses = self.losses
         if beta is None:
             beta = 1 - 1 / min(50, max(1, len(losses) // 20))
-        fig = Figure(figsize=(6, 4))
+        fig = new_figure(figsize=(6, 4))
         ax = fig.add_subplot()
         ax.plot(losses, alpha=0.3, label="train (raw)")
         ax.plot(smooth(losses, beta), label="train (smoothed)")
@@ -135,9 +136,9 @@ class Recorder(Callback):
 
     def plot_lr(self) -> Figure:
         """Learning rate per training batch."""
-        from matplotlib.figure import Figure
+        from ..figure import new_figure
 
-        fig = Figure(figsize=(6, 4))
+        fig = new_figure(figsize=(6, 4))
         ax = fig.add_subplot()
         ax.plot(self.lrs)
         ax.set_xlabel("batch")

@@ -6,12 +6,16 @@ Built directly from two loaders, from two datasets (`from_datasets`), or from a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader
 
 from .hf import check_transform, class_names, collate_dict
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["DataLoaders"]
 
@@ -157,16 +161,32 @@ class DataLoaders:
             batched_loader(valid_ds, batch_size * 2, **dl_kwargs),
         )
 
-    def show_batch(self, n: int = 9, **kwargs: Any) -> None:
-        """Show `n` images of a training batch, titled with their class names (from the ClassLabel feature)."""
-        from .plotting import show_images
+    def show_batch(
+        self,
+        n: int = 9,
+        nrows: int | None = None,
+        ncols: int | None = None,
+        imsize: float = 3,
+        figsize: tuple[float, float] | None = None,
+        **kwargs: Any,
+    ) -> Figure:
+        """Show `n` images of a training batch, titled with their class names; return the figure.
+
+        Class names come from the dataset's ClassLabel feature. Images are (N, H, W) or
+        (N, C, H, W); flattened ones, (N, H*W) with H == W or (N, 3*H*W), are drawn square.
+        The grid is near-square unless `nrows`/`ncols` say, `imsize` inches per image unless
+        `figsize` is given; `kwargs` go to matplotlib's `imshow` (e.g. `cmap="Greys"`). The
+        figure is made without pyplot: a notebook shows it, a script saves it (`.savefig`).
+        """
+        from ..figure import new_figure
+        from .plotting import grid_shape, show_image
 
         batch = next(iter(self.train))
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError(
                 f"show_batch needs (images, labels) batches, got {type(batch).__name__}."
             )
-        x, y = batch[0][:n], batch[1][:n]
+        x, y = _as_images(batch[0][:n]), batch[1][:n]
         names = class_names(
             getattr(getattr(self.train, "dataset", None), "features", None)
         )
@@ -174,13 +194,46 @@ class DataLoaders:
         titles = [
             names[int(v)] if names and float(v).is_integer() else str(v) for v in labels
         ]
-        show_images(x, titles=titles, **kwargs)
+        rows, cols = grid_shape(len(x), nrows, ncols)
+        fig = new_figure(figsize=figsize or (cols * imsize, rows * imsize))
+        axs = fig.subplots(rows, cols, squeeze=False).flatten()
+        for ax in axs[len(x) :]:
+            ax.set_axis_off()
+        for im, title, ax in zip(x, titles, axs):
+            show_image(im, ax=ax, title=title, **kwargs)
+        fig.tight_layout()
+        return fig
 
     def __repr__(self) -> str:
         def size(dl: Any) -> str:
             return "None" if dl is None else f"{type(dl).__name__}({_len(dl)} batches)"
 
         return f"DataLoaders(train={size(self.train)}, valid={size(self.valid)})"
+
+
+def _as_images(x: Any) -> Any:
+    """Images of a batch `x` as (N, H, W) or (N, C, H, W): flattened ones made square again."""
+    # A list of images (PIL, arrays): each is drawn as it is.
+    if not hasattr(x, "shape"):
+        return x
+    shape = tuple(x.shape)
+    if len(shape) in (3, 4):
+        return x
+    if len(shape) == 2:
+        n, length = shape
+        # length = side**2 (grey) and length = 3 * side**2 (RGB) never both hold (sqrt 3 is
+        # irrational), so the two readings of a flattened image cannot be confused.
+        side = math.isqrt(length)
+        if length and side * side == length:
+            return x.reshape(n, side, side)
+        side = math.isqrt(length // 3)
+        if length and length == 3 * side * side:
+            return x.reshape(n, 3, side, side)
+    raise ValueError(
+        "show_batch needs images: (N, H, W), (N, C, H, W), or flattened (N, H*W) with H == W "
+        f"or (N, 3*H*W) with H == W; got inputs of shape {shape}. Reshape them in a batch "
+        "transform, or show them yourself with learnloop.data.show_images."
+    )
 
 
 def _len(dl: Any) -> str:

@@ -3,6 +3,8 @@
 Images may be torch tensors (CHW or HW, on any device, with or without grad), numpy arrays
 or PIL images. `fastcore.meta.delegates` makes help() show matplotlib's own keyword arguments.
 This module imports matplotlib, so `learnloop.data` loads it only when one of these is used.
+These draw on pyplot figures, as the course does (`plt.savefig` saves them); `DataLoaders.show_batch`
+builds its figure without pyplot (`learnloop.figure`) from `grid_shape` and `show_image`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from fastcore.meta import delegates
 
-__all__ = ["get_grid", "show_image", "show_images", "subplots"]
+__all__ = ["get_grid", "grid_shape", "show_image", "show_images", "subplots"]
 
 
 def _to_numpy(im: Any) -> np.ndarray:
@@ -79,17 +81,10 @@ def subplots(
     return fig, np.atleast_1d(ax)
 
 
-@delegates(subplots)
-def get_grid(
-    n: int,
-    nrows: int | None = None,
-    ncols: int | None = None,
-    title: str | None = None,
-    weight: str = "bold",
-    size: int = 14,
-    **kwargs: Any,
-) -> tuple[Any, np.ndarray]:
-    """A grid of axes for `n` images (near-square unless `nrows`/`ncols` say); unused axes hidden."""
+def grid_shape(
+    n: int, nrows: int | None = None, ncols: int | None = None
+) -> tuple[int, int]:
+    """(rows, columns) of a grid for `n` images: near-square unless `nrows`/`ncols` say."""
     if n < 1:
         raise ValueError(f"get_grid needs at least one image, got n={n}.")
     if nrows:
@@ -101,6 +96,21 @@ def get_grid(
         ncols = math.ceil(n / nrows)
     if nrows * ncols < n:
         raise ValueError(f"A {nrows}x{ncols} grid cannot hold {n} images.")
+    return nrows, ncols
+
+
+@delegates(subplots)
+def get_grid(
+    n: int,
+    nrows: int | None = None,
+    ncols: int | None = None,
+    title: str | None = None,
+    weight: str = "bold",
+    size: int = 14,
+    **kwargs: Any,
+) -> tuple[Any, np.ndarray]:
+    """A grid of axes for `n` images (near-square unless `nrows`/`ncols` say); unused axes hidden."""
+    nrows, ncols = grid_shape(n, nrows, ncols)
     fig, axs = subplots(nrows, ncols, **kwargs)
     for ax in axs.flat[n:]:
         ax.set_axis_off()
