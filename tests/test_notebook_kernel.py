@@ -83,6 +83,11 @@ def streams(cell) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
+def test_setup_is_quiet(cells):
+    """Loading data in a kernel without ipywidgets prints nothing: no tqdm "IProgress not found"."""
+    assert streams(cells[SETUP]) == ""
+
+
 def test_no_errors(cells):
     """Every cell runs without an error."""
     errors = [o for c in cells.values() for o in c.outputs if o.output_type == "error"]

@@ -35,6 +35,7 @@ from torch.utils.data import (
 )
 
 from .hf import returned_none
+from .quiet import import_datasets
 
 __all__ = ["BatchedDataset", "batched_loader", "decode_images"]
 
@@ -111,6 +112,7 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
     The result is cached by `datasets` beside `ds`'s cache files, so later calls (in any process)
     load it instead of decoding; a dataset with no cache files is decoded in memory.
     """
+    import_datasets()  # quietly, the first time (see data/quiet.py)
     from datasets import Array3D, Features, Image
 
     columns = [k for k, f in ds.features.items() if isinstance(f, Image)]
@@ -147,6 +149,8 @@ def decode_images(ds: Any, num_proc: int | None = None) -> Any:
 def _column_tensor(ds: Any, table: Any, name: str) -> Tensor:
     """Column `name` of `table` (rows of `ds`) as one tensor, read from the Arrow buffers in one copy."""
     import pyarrow as pa
+
+    import_datasets()  # quietly, the first time (see data/quiet.py)
     from datasets import Array2D, Array3D, Array4D, Array5D
 
     feature, col = ds.features[name], table.column(name)

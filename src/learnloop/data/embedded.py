@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import TYPE_CHECKING
 
+from .quiet import import_datasets
+
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
@@ -22,6 +24,8 @@ def load_digits(test_size: float = 0.2, seed: int = 42) -> DatasetDict:
     is stratified by label and the same for the same `seed`.
     """
     import numpy as np
+
+    import_datasets()  # quietly, the first time (see data/quiet.py)
     from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features
 
     if not 0 < test_size < 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .quiet import import_datasets
+
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
@@ -33,6 +35,7 @@ def load_data(spec: str, cache_dir: str | None = None) -> DatasetDict:
 
     `cache_dir` is where `datasets` keeps its Arrow cache (default: `~/.cache/huggingface/datasets`).
     """
+    import_datasets()  # quietly, the first time (see data/quiet.py)
     from datasets import load_dataset
 
     from .embedded import load_digits
@@ -77,6 +80,7 @@ def load_local(path: str | Path, cache_dir: str | None = None) -> DatasetDict:
     of a folder above it; files with neither go to 'train'. An image folder has one sub-folder per
     class, optionally under `train/`, `test/` ... split folders. `cache_dir` is `datasets`' cache.
     """
+    import_datasets()  # quietly, the first time (see data/quiet.py)
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     p = Path(path)
