@@ -159,7 +159,8 @@ def not_an_event(method: F) -> F:
         ...     def after_fit_summary(self):
         ...         return "..."
     """
-    setattr(method, _NOT_AN_EVENT, True)
+    # On the function itself, so that it holds under @staticmethod or @classmethod too.
+    setattr(getattr(method, "__func__", method), _NOT_AN_EVENT, True)
     return method
 
 
@@ -185,7 +186,8 @@ def _refuse_method(cls: str, name: str) -> None:
             f"{cls}.{name}: learnloop's step pieces ({', '.join(_STEP_PIECES)}) are Learner "
             f"methods, not callback hooks (miniai's TrainCB). Subclass Learner and override "
             f"{name}(self) there (e.g. `class MyLearner(Learner): def {name}(self): ...`), or "
-            f"act around it from a hook such as {_AROUND[name]}."
+            f"act around it from a hook such as {_AROUND[name]}. A helper method that must "
+            "have this name: decorate it with @learnloop.not_an_event."
         )
     level = name.removeprefix("cleanup_")
     if level != name and f"after_{level}" in EVENT_CONTEXT:
@@ -252,8 +254,19 @@ def check_callback(cb: Any) -> None:
             _check_signature(cb, name)
             continue
         method = getattr(type(cb), name, None)
-        if callable(method) and not getattr(method, _NOT_AN_EVENT, False):
+        if (
+            callable(method)
+            and not getattr(method, _NOT_AN_EVENT, False)
+            and not _from_torch(type(cb), name)
+        ):
             _refuse_method(type(cb).__name__, name)
+
+
+def _from_torch(cls: type, name: str) -> bool:
+    """Whether `cls` has `name` from a torch base class (a callback that is also an nn.Module has
+    its `zero_grad`): that name is torch's, not a hook of the callback's author."""
+    owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+    return owner is not None and owner.__module__.split(".")[0] == "torch"
 
 
 def as_callbacks(cbs: Callback | Sequence[Callback] | None) -> list[Callback]:
