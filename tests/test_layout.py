@@ -28,7 +28,6 @@ FLOORS: dict[str, int] = {
     "learnloop.tensors": 0,
     "learnloop.types": 0,
     "learnloop.models": 0,
-    "learnloop.inference": 0,
     "learnloop.notebook": 0,
     "learnloop.figure": 0,
     "learnloop.callbacks.core": 1,
@@ -40,6 +39,8 @@ FLOORS: dict[str, int] = {
     "learnloop.callbacks": 2,  # the package and every other callback module
     "learnloop.learner": 3,
     "learnloop.long_runs": 3,
+    "learnloop.batches": 3,
+    "learnloop.inference": 3,
     "learnloop.cli": 4,
     "learnloop": 4,
 }

@@ -94,6 +94,41 @@ class TestRefusedAtRegistration:
         with pytest.raises(ValueError, match="after_fit_summary"):
             learner(type("Report2", (Report,), {"after_fit_summary": lambda s: None})())
 
+    def test_opt_out_for_step_pieces_and_static_helpers(self):
+        """A helper named like a step piece opts out too (the message says how), under @staticmethod too."""
+        with pytest.raises(ValueError, match="@learnloop.not_an_event"):
+            learner(hooked("step"))
+
+        class Counter(Callback):
+            @not_an_event
+            def step(self):
+                return 1
+
+            @not_an_event
+            @staticmethod
+            def after_all(x):
+                return x
+
+        assert isinstance(learner(Counter()).cbs[0], Callback)
+
+    def test_torch_base_class_names_allowed(self):
+        """A callback that is also an nn.Module keeps nn.Module's zero_grad: that name is torch's."""
+
+        class EMA(Callback, nn.Module):
+            def __init__(self):
+                nn.Module.__init__(self)
+                self.avg = nn.Linear(4, 3)
+
+            def after_step(self, learn, *args, **kwargs):
+                pass
+
+        cb = EMA()
+        assert cb in learner(cb).cbs
+        # its own methods are still checked
+        bad = type("EMA2", (EMA,), {"cleanup_fit": lambda self, learn: None})
+        with pytest.raises(ValueError, match="EMA2.cleanup_fit"):
+            learner(bad())
+
     def test_private_helpers_allowed(self):
         """A private helper (leading underscore) may look like anything."""
         cb = hooked("_after_something")
@@ -215,6 +250,45 @@ class TestBatchInBeforeBatch:
         x, _ = next(iter(learn.dls.valid))
         expected = F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long))
         assert log["valid_loss"] == pytest.approx(expected.item(), rel=1e-6)
+
+    def test_batch_changed_in_place(self):
+        """A hook that changes the (list) batch in place still reaches the model, as before 0.2."""
+
+        class Zero(Callback):
+            def before_batch(self, learn, *args, **kwargs):
+                learn.batch[0] = learn.batch[0] * 0
+
+        spy = Spy()
+        learn = Learner(
+            nn.Linear(4, 3), make_dls(n=16, bs=16), cbs=[Zero(), spy], default_cbs=False
+        )
+        learn.fit(1, valid=False)
+        assert torch.equal(spy.inputs[0], torch.zeros(16, 4))
+
+    @pytest.mark.parametrize(
+        "value,n_inp,match",
+        [
+            (None, 1, "learn.xb was set to None"),
+            ("one", 2, r"tuple of the model's 2 inputs \(n_inp=2\)"),
+            ("three", 2, r"tuple of the model's 2 inputs"),
+        ],
+    )
+    def test_xb_set_wrong(self, value, n_inp, match):
+        """xb set (before DeviceCB) to what cannot be n_inp inputs is an error naming n_inp and the hook."""
+        x, y = make_data(16).tensors
+        items = (x, torch.randn(16, 2), y)[:n_inp] + (y,)
+
+        class SetXb(Callback):
+            order = -25  # before DeviceCB, which rebuilds the batch
+
+            def before_batch(self, learn, *args, **kwargs):
+                learn.xb = {"one": x, "three": (x, x, x)}.get(value)
+
+        dl = DataLoader(TensorDataset(*items), batch_size=8)
+        learn = Learner(nn.Linear(4, 3), DataLoaders(dl, dl), n_inp=n_inp, cbs=SetXb())
+        with pytest.raises(TypeError, match=match) as e:
+            learn.fit(1)
+        assert any("DeviceCB.before_batch" in n for n in e.value.__notes__)
 
     def test_dict_batch_converted_in_before_batch(self):
         """An unsplittable batch may still be turned into a tuple by a before_batch hook."""
@@ -339,12 +413,49 @@ class TestInference:
         assert one.shape == (3,) and torch.allclose(one, expected[0])
         assert torch.allclose(learn.predict(x[0].numpy()), expected[0])
 
-    def test_predict_leaves_loop_state(self):
-        """predict(x) between fits leaves batch, xb and yb as they were."""
+    def test_predict_inside_a_fit_leaves_loop_state(self):
+        """predict(x) from a hook (mid-batch) puts back batch, xb, yb and preds."""
+        probe = make_data(2, seed=9).tensors[0]
+        seen = []
+
+        class Probe(Callback):
+            def after_pred(self, learn, *args, **kwargs):
+                before = (learn.batch, learn.xb, learn.yb, learn.preds)
+                learn.predict(probe)
+                after = (learn.batch, learn.xb, learn.yb, learn.preds)
+                seen.append(all(a is b for a, b in zip(before, after)))
+
+        learner(Probe()).fit(1)
+        assert seen and all(seen)
+
+    def test_predict_with_batch_transforms(self):
+        """One item as the model takes it (after the loader's batch transforms) is recognised as one."""
+        from learnloop.data import inplace, load_digits
+        from learnloop.models import simple_cnn
+
+        @inplace
+        def add_channel(b):
+            b["image"] = b["image"].float().unsqueeze(1)  # (N, 8, 8) -> (N, 1, 8, 8)
+
+        dls = DataLoaders.from_dd(
+            load_digits(), 64, batched=True, batch_tfms=[add_channel]
+        )
+        learn = Learner(simple_cnn(n_in=1), dls, cbs=ProgressCB(bar=False))
+        xb, _ = next(iter(dls.valid))
+        assert learn.predict(xb[0]).shape == (10,)
+        assert learn.predict(xb[:3]).shape == (3, 10)
+
+    def test_predict_inputs(self):
+        """predict takes lists of numbers; anything else is a TypeError naming what it takes."""
         learn = learner()
-        learn.fit(1)
-        learn.predict(make_data(2).tensors[0])
-        assert learn.batch is None and learn.xb is None and learn.yb is None
+        x = make_data(1, seed=2).tensors[0][0]
+        assert torch.allclose(learn.predict(x.tolist()), learn.predict(x))
+        with pytest.raises(TypeError, match="predict\\(x\\) takes a tensor"):
+            learn.predict(object())
+        with pytest.raises(
+            TypeError, match="n_inp=2 takes a tuple of the model's 2 inputs"
+        ):
+            Learner(nn.Linear(4, 3), make_dls(), n_inp=2).predict(x)
         assert isinstance(learn.recorder, Recorder)
 
 

@@ -1,24 +1,28 @@
-"""What `learn.predict(x)` needs besides the model: is `x` one item or a batch, and where the model is.
+"""`learn.predict(x)`: the model's output for one item or a small batch, the notebook's "try it on this".
 
-The notebook step "try it on this image" passes one item, as the dataset yields it, without the
-batch dimension; a small batch works too. They are told apart by the number of dimensions of one
-input item, read once from the loaders: from the dataset's first item when it is a tensor
-(cheap), else from the first batch (which includes the loader's own transforms).
+`Inference` is a part of `Learner` (a base class of it). It runs the Learner's own step piece
+`predict()` on `x`, so a subclass's forward (several inputs, a custom call) is honoured, in eval
+mode and without autograd, and puts back the model's mode and the loop's state after.
+
+One item (as a dataset yields it, without the batch dimension) and a batch are told apart by the
+number of dimensions of one input item, read once from the first batch of the loaders: a batch
+has been through the loader's collate function and batch transforms, as the model's inputs have.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .callbacks.device import to_device
 from .tensors import map_tensors
 
-__all__ = ["item_batch", "item_ndim", "model_device"]
+__all__ = ["Inference", "model_device"]
 
-Split = Callable[[Any], tuple[Any, Any, Any]]
+_UNKNOWN = -1  # the item's dimensions could not be read (no batch, or no tensor inputs)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -30,37 +34,81 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _first_input(xb: Any, n_inp: int) -> Tensor | None:
-    first = (
-        xb if n_inp == 1 else (xb[0] if isinstance(xb, (tuple, list)) and xb else None)
-    )
-    return first if isinstance(first, Tensor) else None
+def _as_input(x: Any) -> Any:
+    """`x` as a model input: tensors and mappings as they are, numpy arrays and lists of numbers as tensors."""
+    if isinstance(x, (Tensor, Mapping)):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"predict(x) takes a tensor, a numpy array, a list of numbers or a mapping of "
+            f"tensors as each input, got {type(x).__name__}."
+        ) from None
 
 
-def item_ndim(loaders: Iterable[Any], split: Split, n_inp: int) -> int | None:
-    """Dimensions of one input item (the first input when `n_inp > 1`), or None if unknown.
+class Inference:
+    """The Learner's part that runs the model on new inputs: `predict(x)`."""
 
-    `split` turns a batch (or a dataset item, which has the same layout) into `(xb, yb, _)`.
-    """
-    loaders = [dl for dl in loaders if dl is not None]
-    for dl in loaders:  # a map-style dataset of tensors: one item, no batch fetched
-        dataset = getattr(dl, "dataset", None)
+    _item_dims: int | None = None  # what _item_ndim read (once)
+    # Set by Learner.
+    model: nn.Module
+    dls: Any
+    n_inp: int
+    xb: Any
+    yb: Any
+    preds: Any
+
+    def _infer(self, x: Any) -> Any:
+        """`predict(x)`: the model's output for one item or a small batch `x`, detached, on the CPU."""
+        x = self._inputs(x)
+        first = x if self.n_inp == 1 else x[0]
+        one = isinstance(first, Tensor) and first.dim() == self._item_ndim()
+        if one:
+            x = map_tensors(lambda t: t.unsqueeze(0), x)
+        xb = to_device(x, model_device(self.model))
+        saved = self._batch, self.xb, self.yb, self._unsplit, self.preds  # type: ignore[attr-defined]
+        was_training = self.model.training
         try:
-            item = dataset[0]  # type: ignore[index]
-        except (TypeError, IndexError, KeyError, NotImplementedError):
-            item = None  # no dataset, an iterable one, or an empty one
-        if isinstance(item, (tuple, list)):
-            first = _first_input(split(item)[0], n_inp)
-            if first is not None:
-                return first.dim()
-    for dl in loaders:
-        batch = next(iter(dl), None)
-        first = _first_input(split(batch)[0], n_inp)
-        if first is not None and first.dim() > 0:
-            return first.dim() - 1
-    return None
+            self.model.eval()
+            with torch.no_grad():
+                self.batch = (xb,) if self.n_inp == 1 else tuple(xb)
+                self.predict()  # type: ignore[attr-defined]  # the step piece, a subclass's own
+                out = map_tensors(lambda t: t.detach().cpu(), self.preds)
+        finally:
+            self.model.train(was_training)
+            self._batch, self.xb, self.yb, self._unsplit, self.preds = saved
+            self._split_xb, self._split_yb = self.xb, self.yb
+        return map_tensors(lambda t: t[0], out) if one else out
 
+    def _inputs(self, x: Any) -> Any:
+        """`x` checked against `n_inp` and converted (numpy, lists) to the model's inputs."""
+        n = self.n_inp
+        if n == 1:
+            return _as_input(x)
+        if not isinstance(x, (tuple, list)) or len(x) != n:
+            raise TypeError(
+                f"predict(x) with n_inp={n} takes a tuple of the model's {n} inputs, got "
+                f"{type(x).__name__}{f' of {len(x)}' if isinstance(x, (tuple, list)) else ''}."
+            )
+        return tuple(_as_input(v) for v in x)
 
-def item_batch(x: Any) -> Any:
-    """One item `x` (a tensor, or a tuple of them for several inputs) as a batch of one."""
-    return map_tensors(lambda t: t.unsqueeze(0), x)
+    def _item_ndim(self) -> int:
+        """Dimensions of one input item (the first input's), read once from a batch; -1 if unknown."""
+        if self._item_dims is None:
+            self._item_dims = _UNKNOWN
+            for dl in (self.dls.valid, self.dls.train):
+                ndim = self._batch_ndim(dl)
+                if ndim is not None:
+                    self._item_dims = ndim - 1
+                    break
+        return self._item_dims
+
+    def _batch_ndim(self, dl: Iterable[Any] | None) -> int | None:
+        """Dimensions of the first input of `dl`'s first batch, or None."""
+        batch = next(iter(dl), None) if dl is not None else None
+        if batch is None:
+            return None
+        xb, _, why = self._split(batch)  # type: ignore[attr-defined]
+        first = xb if self.n_inp == 1 else (xb[0] if why is None else None)
+        return first.dim() if isinstance(first, Tensor) and first.dim() > 0 else None

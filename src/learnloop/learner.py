@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import Batches
 from .callbacks.core import Callback, as_callbacks, check_callback
-from .callbacks.device import DeviceCB, to_device
+from .callbacks.device import DeviceCB
 from .callbacks.distributed import DistributedCB
 from .callbacks.gather import GatherPredsCB
 from .callbacks.metrics import MetricsCB
@@ -49,12 +50,11 @@ from .events import (
     CancelException,
     CancelFitException,
 )
-from .inference import item_batch, item_ndim, model_device
+from .inference import Inference
 from .long_runs import LongRuns
 from .midepoch import hand_over
 from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals, shield_workers
 from .rng import RngSnapshot, set_rng_state
-from .tensors import map_tensors
 from .types import PathLike, length
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ _STEP = object()
 Callbacks = Callback | Sequence[Callback] | None
 
 
-class Learner(LongRuns, CallbackHost):
+class Learner(LongRuns, Inference, Batches, CallbackHost):
     """Trains `model` on `dls` with `loss_func` and an optimizer made by `opt_func`.
 
     Device placement, metrics, the recorder and the progress bar are default callbacks
@@ -172,7 +172,6 @@ class Learner(LongRuns, CallbackHost):
         self._unshield: list[Callable[[], None]] = []  # undoes preempt.shield_workers
         self._check_loss = False  # set for each phase's first batch
         self._no_targets = 0  # evaluation batches without targets (no loss) in this run
-        self._item_ndim: int | None = None  # dimensions of one input item (predict(x))
         self._warned_empty: set[bool] = (
             set()
         )  # phases (training?) whose empty loader was reported
@@ -196,56 +195,6 @@ class Learner(LongRuns, CallbackHost):
                 return self._infer(x)
 
             cls.predict = predict  # type: ignore[method-assign]
-
-    # ---------------------------------------------------------------- the batch
-    @property
-    def batch(self) -> Any:
-        """The current batch. Setting it splits it into `xb` and `yb`; setting those rebuilds it."""
-        if self.xb is not self._split_xb or self.yb is not self._split_yb:
-            xs = (self.xb,) if self.n_inp == 1 else tuple(self.xb)
-            ys = (
-                ()
-                if self.yb is None
-                else self.yb
-                if isinstance(self.yb, tuple)
-                else (self.yb,)
-            )
-            self._batch = (*xs, *ys)
-            self._split_xb, self._split_yb = self.xb, self.yb
-        return self._batch
-
-    @batch.setter
-    def batch(self, batch: Any) -> None:
-        self._batch = batch
-        self.xb, self.yb, self._unsplit = self._split(batch)
-        self._split_xb, self._split_yb = self.xb, self.yb
-
-    def _split(self, batch: Any) -> tuple[Any, Any, str | None]:
-        """`(xb, yb, None)` for `batch`: its first `n_inp` items, then the rest (None if none).
-
-        A batch that cannot be split gives `(None, None, why)`: the loop raises `why` after
-        `before_batch`, so a hook there may still turn it into a tuple.
-        """
-        n = self.n_inp
-        if isinstance(batch, (tuple, list)) and len(batch) >= n:
-            rest = batch[n:]
-            yb = rest[0] if len(rest) == 1 else tuple(rest) if rest else None
-            return (batch[0] if n == 1 else tuple(batch[:n])), yb, None
-        if batch is None or (n == 1 and isinstance(batch, Tensor)):
-            return batch, None, None  # inputs only (a loader over a bare tensor)
-        if isinstance(batch, dict):
-            why = (
-                f"Batches must be (inputs, targets) tuples, got a dict with keys {list(batch)}: "
-                "pass collate_fn=collate_dict(dataset) to the DataLoader, or use DataLoaders.from_dd."
-            )
-        else:
-            why = (
-                f"Batches must be tuples or lists of inputs then targets, got {describe(batch)} "
-                f"(n_inp={n}, so at least {n} items): yield (x, y) from your DataLoader, set "
-                "Learner(n_inp=...) to the number of model inputs, or replace learn.batch in "
-                "before_batch."
-            )
-        return None, None, why
 
     @property
     def recorder(self) -> Recorder:
@@ -289,7 +238,9 @@ class Learner(LongRuns, CallbackHost):
         for `x`, detached, on the CPU, with no autograd graph and the model's train/eval mode
         restored. One item (an input with the dimensions of the dataset's items, without the batch
         dimension) gets a batch dimension of 1 added and removed. `x` must be prepared as the
-        model's inputs are (normalised, say): no transform of the loaders is applied.
+        model's inputs are (normalised, say): no transform of the loaders is applied. With
+        `n_inp > 1`, `x` is a tuple of the inputs. A model sharded by FSDP runs on every
+        process at once: call it on all of them.
         """
         if x is not _STEP:
             return self._infer(x)
@@ -448,8 +399,10 @@ class Learner(LongRuns, CallbackHost):
         if show_plot is not False and in_notebook():
             result.plot()  # a notebook shows it when the cell ends (learnloop.figure)
         elif show_plot:
-            log.info(
-                "lr_find shows its plot in a notebook only: lr.plot().savefig(...)"
+            warnings.warn(
+                "lr_find(show_plot=True) shows its plot in a notebook only; in a script save "
+                "it: lr.plot().savefig('lr.png').",
+                stacklevel=2,
             )
         return result
 
@@ -631,6 +584,7 @@ class Learner(LongRuns, CallbackHost):
             # them, or the whole batch: fastai's idiom and miniai's both reach the model).
             self.batch = batch
             fire("before_batch", iter=i)
+            self._resplit()  # a hook may have changed the batch in place
             if self._unsplit is not None and self.xb is None:
                 raise TypeError(self._unsplit)
             piece = "predict"
@@ -738,31 +692,6 @@ class Learner(LongRuns, CallbackHost):
                 "predictions, or yield (inputs, targets) batches.",
                 stacklevel=3,
             )
-
-    def _infer(self, x: Any) -> Any:
-        """`predict(x)`: the model's output for one item or a small batch `x`, on the CPU."""
-        if not isinstance(x, (Tensor, tuple, list)):
-            x = torch.as_tensor(x)  # a numpy array
-        if self._item_ndim is None:
-            loaders = (self.dls.valid, self.dls.train)
-            self._item_ndim = item_ndim(loaders, self._split, self.n_inp)
-        first = x if self.n_inp == 1 else x[0]
-        one = isinstance(first, Tensor) and first.dim() == self._item_ndim
-        xb = to_device(item_batch(x) if one else x, model_device(self.model))
-        saved = self._batch, self.xb, self.yb, self.preds, self._unsplit
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                self.batch = (xb,) if self.n_inp == 1 else tuple(xb)
-                self.predict()  # the step piece: a subclass's own forward is honoured
-                out = map_tensors(lambda t: t.detach().cpu(), self.preds)
-        finally:
-            self.model.train(was_training)
-            self.batch = saved[0]
-            self.xb, self.yb, self.preds, self._unsplit = saved[1:]
-            self._split_xb, self._split_yb = self.xb, self.yb
-        return map_tensors(lambda t: t[0], out) if one else out
 
     def _evaluate(
         self, dl: Iterable[Any] | None, extra: list[Callback]

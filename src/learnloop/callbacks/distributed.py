@@ -312,11 +312,7 @@ class DistributedCB(Callback):
             learn.dl,
         )
         batch = next(iter(source))
-        n = learn.n_inp
-        if isinstance(batch, (tuple, list)):
-            xb = batch[0] if n == 1 else tuple(batch[:n])
-        else:
-            xb = batch
+        xb, _ = learn.split_batch(batch)
         first = next(learn.model.parameters())
         return to_device(xb, first.device)
 
