@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from learnloop import Accuracy, ActivationStatsCB, Learner, MetricsCB, ProgressCB
+
+import datasets  # the user's own import, after learnloop's: quiet too
 from learnloop.data import DataLoaders, Normalize, load_digits
 
 torch.manual_seed(0)
@@ -27,6 +29,9 @@ learn = Learner(model, dls, lr=0.1, cbs=[MetricsCB(Accuracy())])"""
 
 FIT = "learn.fit(3, cbs=[stats])"
 LR_FIND = "lr = learn.lr_find()\nprint(type(lr).__name__, isinstance(lr, float))"
+LR_FIND_AND_PLOT = (
+    "lr2 = learn.lr_find(num_it=20)\nlr2.plot()"  # README's habit: still one plot
+)
 PLOTS = [
     "learn.recorder.plot_loss()",
     "learn.recorder.plot_lr()",
@@ -63,6 +68,7 @@ CELLS = [
     SETUP,
     FIT,
     LR_FIND,
+    LR_FIND_AND_PLOT,
     *[as_value(p) for p in PLOTS],
     *[for_effect(p) for p in PLOTS],
     LOOP,
@@ -84,7 +90,8 @@ def streams(cell) -> str:
 
 
 def test_setup_is_quiet(cells):
-    """Loading data in a kernel without ipywidgets prints nothing: no tqdm "IProgress not found"."""
+    """Importing datasets and loading data in a kernel without ipywidgets prints nothing (no tqdm
+    "IProgress not found"), once learnloop is imported."""
     assert streams(cells[SETUP]) == ""
 
 
@@ -126,6 +133,11 @@ def test_lr_find_shows_plot_and_is_a_float(cells):
     """`lr = learn.lr_find()` shows the sweep's plot once; `lr` is a float."""
     assert png_outputs(cells[LR_FIND]) == 1
     assert streams(cells[LR_FIND]) == "LRFindResult True\n"
+
+
+def test_lr_find_then_plot_shows_once(cells):
+    """`lr = learn.lr_find(); lr.plot()` in one cell shows the sweep once, not twice."""
+    assert png_outputs(cells[LR_FIND_AND_PLOT]) == 1
 
 
 def test_hundred_plots_in_a_loop(cells):

@@ -59,7 +59,8 @@ def show_at_cell_end(obj: Any) -> bool:
         return False
     # register() skips a callback already there: once per shell, however many figures.
     shell.events.register("post_run_cell", _show_pending)
-    _pending.append(obj)
+    if not any(o is obj for o in _pending):  # once, however often it is asked for
+        _pending.append(obj)
     return True
 
 

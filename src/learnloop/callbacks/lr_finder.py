@@ -99,6 +99,7 @@ class LRFindResult(float):
         self = super().__new__(cls, value)
         self.lrs, self.losses, self.smoothed = list(lrs), list(losses), list(smoothed)
         self.method = method
+        self._figure: Figure | None = None
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -108,7 +109,20 @@ class LRFindResult(float):
         )
 
     def plot(self) -> Figure:
-        """Smoothed loss against learning rate (log axis), the suggestion marked."""
+        """Smoothed loss against learning rate (log axis), the suggestion marked.
+
+        Drawn once: later calls return the same figure, so `lr = learn.lr_find(); lr.plot()` in a
+        notebook cell shows it once, not twice (a call in a later cell shows it again).
+        """
+        from ..notebook import show_at_cell_end
+
+        if self._figure is None:
+            self._figure = self._draw()  # a new figure: shown at the cell's end
+        else:
+            show_at_cell_end(self._figure)
+        return self._figure
+
+    def _draw(self) -> Figure:
         from ..figure import new_figure
 
         fig = new_figure(figsize=(6, 4))
