@@ -238,6 +238,17 @@ class TestNames:
         assert cb.history[0]["top_k"] == 1.0  # the top 3 of 3 classes hold every target
         assert cb.history[0]["top_k_2"] < 1.0
 
+    def test_keyword_beats_a_spread_column(self):
+        """A keyword named like a per-class column keeps its name; the spread one is suffixed."""
+        learn, cb = fit(PerClassAccuracy(), per_class_accuracy_0=Accuracy())
+        row = cb.history[0]
+        preds, targets = valid_outputs(learn)
+        overall = (preds.argmax(-1) == targets).float().mean().item()
+        assert row["per_class_accuracy_0"] == pytest.approx(overall)
+        by_hand = per_class_by_hand(learn)
+        assert row["per_class_accuracy_0_2"] == pytest.approx(by_hand[0])
+        assert row["per_class_accuracy_1"] == pytest.approx(by_hand[1])
+
     @pytest.mark.parametrize("key", ["epoch", "train_loss", "valid_loss", "time"])
     def test_row_keys_refused(self, key):
         """A metric named like one of the row's own columns is refused, by keyword or by its name."""

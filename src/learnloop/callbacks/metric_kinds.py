@@ -87,7 +87,7 @@ class FunctionMetric:
         return float(self.total) / self.count if self.count else float("nan")
 
     def __repr__(self) -> str:
-        return f"AvgMetric({function_name(self.fn)})"
+        return f"FunctionMetric({function_name(self.fn)})"
 
 
 def as_metric(metric: Any, key: str | None) -> Any:
@@ -169,6 +169,7 @@ def cells(name: str, value: Any, keys_as_names: bool = False) -> list[tuple[str,
 
 
 def batch_size(yb: Any, xb: Any) -> int:
+    """Rows of a batch: the first dimension of its targets `yb`, else of its inputs `xb`, else 1."""
     for x in (yb, xb):
         if isinstance(x, Tensor) and x.dim() > 0:
             return x.shape[0]

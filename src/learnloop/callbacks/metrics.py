@@ -286,13 +286,18 @@ class MetricsCB(Callback):
         """Each metric's value into `row` as plain numbers, one column each, no two alike."""
         values = [(name, m.compute()) for name, m in self.metrics.items()]
         spread = [cells(name, v, keys_as_names=True) for name, v in values]
-        # Columns named after their metric claim their names before a dict's keys do, so a
-        # metric's column does not depend on the order the metrics were given in.
+        # A metric's own name (one value) is claimed first, then the columns of several values
+        # (`name_0`, ...), then a dict's keys: a column's name does not depend on the order the
+        # metrics were given in, and a keyword name is kept.
         taken = set(_ROW_KEYS) | set(row)
         columns: dict[tuple[int, int], str] = {}
-        for i in sorted(
-            range(len(values)), key=lambda i: isinstance(values[i][1], Mapping)
-        ):
+
+        def claim_order(i: int) -> int:
+            if isinstance(values[i][1], Mapping):
+                return 2
+            return 0 if [c for c, _ in spread[i]] == [values[i][0]] else 1
+
+        for i in sorted(range(len(values)), key=claim_order):
             for j, (column, _) in enumerate(spread[i]):
                 columns[i, j] = free = free_name(column, taken)
                 taken.add(free)
