@@ -1,5 +1,7 @@
 """learnloop: a small, fast, callback-driven training loop for PyTorch."""
 
+import sys as _sys
+
 from .callbacks import (
     ORDERS,
     Accuracy,
@@ -49,6 +51,13 @@ from .events import (
 )
 from .learner import Learner
 from .preempt import Preempted
+
+if (
+    "ipykernel" in _sys.modules
+):  # in Jupyter: no ipywidgets warning from tqdm.auto later
+    from .data.quiet import quiet_tqdm_auto
+
+    quiet_tqdm_auto()
 
 __version__ = "0.1.0"
 
