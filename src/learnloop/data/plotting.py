@@ -86,7 +86,7 @@ def grid_shape(
 ) -> tuple[int, int]:
     """(rows, columns) of a grid for `n` images: near-square unless `nrows`/`ncols` say."""
     if n < 1:
-        raise ValueError(f"get_grid needs at least one image, got n={n}.")
+        raise ValueError(f"A grid needs at least one image, got n={n}.")
     if nrows:
         ncols = ncols or math.ceil(n / nrows)
     elif ncols:
