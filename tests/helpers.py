@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,6 +16,14 @@ from learnloop import Callback, DataLoaders
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import the script at `path` as the module `name`, without running it as a script."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def torchrun_env() -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
+
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoint.py"
 COLUMNS = [
@@ -22,10 +23,7 @@ COLUMNS = [
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("checkpoint_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "checkpoint_benchmark")
 
 
 def test_tiny_run(tmp_path, capsys):

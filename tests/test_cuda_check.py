@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_check.py"
 
 
 def test_without_cuda_exits_zero(monkeypatch, capsys):
     """On a machine without CUDA the script prints that CUDA is unavailable and returns 0."""
-    spec = importlib.util.spec_from_file_location("cuda_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, "cuda_check")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["cuda_check.py"])
     assert module.main() == 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "fsdp_memory.py"
@@ -26,10 +27,7 @@ COLUMNS = [
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("fsdp_memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "fsdp_memory_benchmark")
 
 
 def test_tiny_run():

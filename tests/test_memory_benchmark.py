@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
 
 
 def test_short_run(monkeypatch, capsys):
     """A 600-step run reports RSS and tracemalloc growth per step, and exits 0 under its limit."""
-    spec = importlib.util.spec_from_file_location("memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT, "memory_benchmark")
     argv = ["memory.py", "--steps", "600", "--warmup", "64", "--limit", "1e9"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

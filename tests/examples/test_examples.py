@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import png_outputs, run_notebook
+from helpers import load_script, png_outputs, run_notebook
 from image_helpers import image_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -16,12 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def load(name: str) -> ModuleType:
     """Import examples/<name>.py as a module (without running it as a script)."""
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "custom_callback"])
