@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = ["Learner"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: The learning rate of `Learner(lr=None)`.
 DEFAULT_LR = 1e-2
@@ -199,21 +201,20 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
     @property
     def recorder(self) -> Recorder:
         """The attached `Recorder` (per-batch learning rates and losses)."""
-        for cb in self.cbs:
-            if isinstance(cb, Recorder):
-                return cb
-        raise AttributeError(
-            "No Recorder is attached: pass cbs=[Recorder()] to the Learner."
-        )
+        return self._attached_cb(Recorder, "Recorder()")
 
     @property
     def metrics(self) -> MetricsCB:
         """The attached `MetricsCB` (miniai's `learn.metrics`): `.history`, `.metrics`."""
+        return self._attached_cb(MetricsCB, "MetricsCB(...)")
+
+    def _attached_cb(self, kind: type[T], example: str) -> T:
+        """The attached callback of `kind`; an AttributeError saying how to attach one (`example`)."""
         for cb in self.cbs:
-            if isinstance(cb, MetricsCB):
+            if isinstance(cb, kind):
                 return cb
         raise AttributeError(
-            "No MetricsCB is attached: pass cbs=[MetricsCB(...)] to the Learner."
+            f"No {kind.__name__} is attached: pass cbs=[{example}] to the Learner."
         )
 
     def _where(self, event: str | None = None) -> str:
