@@ -102,6 +102,22 @@ class PerClassAccuracy:
         return self.correct / self.count.clamp(min=1)
 
 
+class Constant:
+    """A metric whose compute() returns `value` whatever it saw (a dict, a tensor, ...)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def reset(self):
+        pass
+
+    def update(self, preds, targets):
+        pass
+
+    def compute(self):
+        return self.value
+
+
 def per_class_by_hand(learn: Learner) -> list[float]:
     out, y = valid_outputs(learn)
     hit = out.argmax(-1) == y
@@ -317,17 +333,8 @@ class TestValues:
     def test_dict_key_taken_is_suffixed(self, caplog, dict_first):
         """A dict key that names another column is suffixed and logged; the other keeps its name, in either order."""
 
-        class Clash:
-            def reset(self):
-                pass
-
-            def update(self, preds, targets):
-                pass
-
-            def compute(self):
-                return {"valid_loss": -1.0, "accuracy": -2.0}
-
-        _, cb = fit(*((Clash(), Accuracy()) if dict_first else (Accuracy(), Clash())))
+        clash = Constant({"valid_loss": -1.0, "accuracy": -2.0})
+        _, cb = fit(*((clash, Accuracy()) if dict_first else (Accuracy(), clash)))
         row = cb.history[0]
         assert (row["valid_loss_2"], row["accuracy_2"]) == (-1.0, -2.0)
         assert row["valid_loss"] > 0 and 0 <= row["accuracy"] <= 1
@@ -347,17 +354,7 @@ class TestValues:
     def test_values_become_plain_numbers(self, value, cells):
         """Scalars become floats; several values become one column per value, `v_0`, `v_1`, ... (`v_0_1` for 2-d)."""
 
-        class Fixed:
-            def reset(self):
-                pass
-
-            def update(self, preds, targets):
-                pass
-
-            def compute(self):
-                return value
-
-        _, cb = fit(v=Fixed())
+        _, cb = fit(v=Constant(value))
         got = {k: v for k, v in cb.history[0].items() if k.startswith("v_") or k == "v"}
         assert got == cells and all(type(v) is float for v in got.values())
 
