@@ -41,6 +41,24 @@ def torchrun_env() -> dict[str, str]:
     return env
 
 
+def assert_same(a, b, path="state"):
+    """Recursively compare nested dicts/lists of tensors and numbers, bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert (
+            isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        ), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
 def make_data(
     n: int = 96, n_in: int = 4, n_classes: int = 3, seed: int = 0
 ) -> TensorDataset:

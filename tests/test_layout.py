@@ -36,6 +36,7 @@ FLOORS: dict[str, int] = {
     "learnloop.checkpoint": 1,
     "learnloop.sharded": 1,
     "learnloop.runs": 1,
+    "learnloop.trial": 1,
     "learnloop.callbacks": 2,  # the package and every other callback module
     "learnloop.learner": 3,
     "learnloop.long_runs": 3,

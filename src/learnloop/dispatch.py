@@ -1,7 +1,8 @@
 """`CallbackHost`: the callbacks a Learner holds, and how their hooks are called.
 
 The dispatch table (event -> bound hooks, in `order`) is rebuilt whenever the callbacks
-change, so firing an event nobody listens to costs one dict lookup. Errors raised in a hook
+change, so firing an event nobody listens to costs one dict lookup. While a `ProfileCB` is
+attached, it instruments the table (every event marked, every hook timed). Errors raised in a hook
 get a note naming the callback, the event and where the loop was (`_where`).
 """
 
@@ -32,11 +33,16 @@ def sort_callbacks(cbs: Iterable[Callback]) -> list[Callback]:
 def dispatch_table(cbs: Iterable[Callback]) -> Table:
     """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order."""
     table: Table = {}
-    for cb in sort_callbacks(cbs):
+    ordered = sort_callbacks(cbs)
+    for cb in ordered:
         for event in EVENTS:
             hook = getattr(cb, event, None)
             if hook is not None:
                 table.setdefault(event, []).append((cb, hook))
+    for cb in ordered:
+        instrument = getattr(cb, "instrument_dispatch", None)
+        if instrument is not None:  # a ProfileCB times every event and hook
+            return instrument(table)
     return table
 
 

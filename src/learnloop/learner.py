@@ -59,6 +59,7 @@ from .types import PathLike, length
 
 if TYPE_CHECKING:
     from .callbacks.lr_finder import LRFindResult
+    from .callbacks.profile_report import ProfileReport
 
 __all__ = ["Learner"]
 
@@ -406,6 +407,51 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
                 stacklevel=2,
             )
         return result
+
+    def profile(
+        self,
+        n_batches: int = 50,
+        warmup: int = 2,
+        valid: bool = True,
+        cbs: Callbacks = None,
+        show_plot: bool | None = None,
+    ) -> ProfileReport:
+        """Time `n_batches` training and validation batches part by part; return the report.
+
+        Runs the fit you would run (your callbacks and the defaults, each hook timed) for
+        `warmup + n_batches` batches of each phase, the first `warmup` not counted, then restores
+        the learner as `lr_find` does (see `learnloop.trial`). Callbacks that write files or stop
+        fits (CheckpointCB, EarlyStoppingCB, the loggers: `run_in_profile = False`) are detached
+        for it. The report prints as a table (µs per step and share for the loader wait, the
+        host-to-device move, forward, loss, backward, optimizer step, zero_grad and each
+        callback's hooks; samples/s) ending with the one line to act on; `.plot()` draws it as a
+        stacked bar, which a notebook shows (`show_plot` as in `lr_find`). On CUDA each part
+        waits for the device, in these batches only (see `learnloop.callbacks.profiler`).
+        """
+        from .callbacks.profiler import ProfileCB
+        from .notebook import in_notebook
+        from .trial import trial_fit
+
+        profiler = ProfileCB(n_batches, warmup)
+        self._prepare_model()
+        skipped = trial_fit(
+            self,
+            [profiler, *as_callbacks(cbs)],
+            skip=lambda cb: not getattr(cb, "run_in_profile", True),
+            n_epochs=1,
+            valid=valid,
+        )
+        profiler.skipped = [type(cb).__name__ for cb in skipped]
+        report = profiler.report()
+        if show_plot is not False and in_notebook():
+            report.plot()  # a notebook shows it when the cell ends (learnloop.figure)
+        elif show_plot:
+            warnings.warn(
+                "profile(show_plot=True) shows its plot in a notebook only; in a script save "
+                "it: learn.profile().plot().savefig('profile.png').",
+                stacklevel=2,
+            )
+        return report
 
     def _prepare_model(self) -> None:
         """Let DistributedCB shard the model (strategy 'fsdp') before an optimizer or a load uses it."""

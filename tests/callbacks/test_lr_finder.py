@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import make_dls
+from helpers import assert_same, make_dls
 from torch import nn
 
 from learnloop import (
@@ -28,24 +28,6 @@ def small_model() -> nn.Module:
     return nn.Sequential(
         nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)
     )
-
-
-def assert_same(a, b, path="state"):
-    """Recursively compare nested dicts/lists of tensors and numbers, bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert (
-            isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-        ), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def trained_learner(**kw) -> Learner:

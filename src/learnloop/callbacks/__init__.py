@@ -10,6 +10,8 @@ from .hooks import ActivationStatsCB, Hook, Hooks
 from .loggers import CSVLoggerCB, TensorBoardCB
 from .lr_finder import LRFinderCB, LRFindResult
 from .metrics import Accuracy, MetricsCB
+from .profile_report import PhaseProfile, ProfileReport
+from .profiler import ProfileCB
 from .progress import ProgressCB
 from .recorder import Recorder
 from .schedule import BatchSchedCB, EpochSchedCB, OneCycle
@@ -40,6 +42,9 @@ __all__ = [
     "MetricsCB",
     "MixedPrecisionCB",
     "OneCycle",
+    "PhaseProfile",
+    "ProfileCB",
+    "ProfileReport",
     "ProgressCB",
     "Recorder",
     "SingleBatchCB",

@@ -27,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # its own from here. Your callbacks default to 0; place one by name, e.g.
 # `order = MetricsCB.order + 1` to run after the metrics are recorded.
 ORDERS: dict[str, int] = {
+    "ProfileCB": -100,  # first: stops a phase in before_batch before anyone handles the batch
     "LimitBatchesCB": -30,  # before DeviceCB moves a batch that will not run
     "DeviceCB": -20,  # model and batch on the device before anyone reads them
     "CompileCB": -15,  # compiles the model once it is on its device
@@ -75,6 +76,8 @@ class Callback:
     order: int = 0
     #: False: `learn.lr_find` detaches this callback during its sweep.
     run_in_lr_find: bool = True
+    #: False: `learn.profile` detaches this callback for its run (it writes files or stops fits).
+    run_in_profile: bool = True
     #: True: one callback of this kind at a time; a new one (at construction, or in
     #: `fit(cbs=...)` for that fit) replaces the attached one, as the defaults are replaced.
     unique: bool = False

@@ -39,6 +39,7 @@ class CSVLoggerCB(Callback):
     """
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
+    run_in_profile = False  # learn.profile detaches it: it writes files
 
     order = ORDERS["CSVLoggerCB"]
 
@@ -153,6 +154,7 @@ class TensorBoardCB(Callback):
     """
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
+    run_in_profile = False  # learn.profile detaches it: it writes files
 
     order = ORDERS["TensorBoardCB"]
 

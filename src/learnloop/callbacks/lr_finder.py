@@ -1,13 +1,12 @@
 """`lr_find`: an exponential learning-rate sweep that leaves the learner as it found it.
 
-The sweep (`Learner.lr_find`) is a short fit with `LRFinderCB` attached. Around it, `run_sweep`
-captures and then restores, bit for bit (with `learnloop.state`, as checkpoints do): the model's
-parameters and buffers and its train/eval mode, the optimizer (its `state_dict`, state and
-param_groups; no optimizer afterwards if there was none before), the random number generators
-(python, numpy, torch, CUDA, the train loader's), the counters (`epoch`, `epochs_done`,
-`n_epochs`, ...) and `epoch_log`, and the `state_dict()` of callbacks that have one (e.g. the
-GradScaler of `MixedPrecisionCB`). This holds when the sweep stops early on divergence and when
-it raises.
+The sweep (`Learner.lr_find`) is a short fit with `LRFinderCB` attached, run by
+`learnloop.trial.trial_fit`, which restores the learner afterwards, bit for bit, as checkpoints do:
+the model's parameters, buffers and train/eval mode, the optimizer (no optimizer afterwards if there
+was none before), the random number generators (python, numpy, torch, CUDA, the train loader's), the
+counters (`epoch`, `epochs_done`, `n_epochs`, ...), `epoch_log`, and the callbacks' attributes and
+`state_dict()` (e.g. the GradScaler of `MixedPrecisionCB`). This holds when the sweep stops early on
+divergence and when it raises.
 
 What the sweep runs with: the callbacks that shape training (DeviceCB, DistributedCB,
 MixedPrecisionCB, GradAccumCB, GradClipCB, your own) stay attached; those that report, schedule or
@@ -32,7 +31,7 @@ import torch
 from ..dist import is_distributed, sum_across_processes, world_size
 from ..errors import check_int, check_lr
 from ..events import CancelFitException
-from ..state import capture, restore
+from ..trial import trial_fit
 from .core import ORDERS, Callback
 
 if TYPE_CHECKING:
@@ -245,22 +244,10 @@ def run_sweep(learn: Learner, finder: LRFinderCB, cbs: Sequence[Callback] = ()) 
     # Enough epochs of one batch or more: the finder ends the fit after num_it batches. The
     # loader's length here is not the sweep's under torchrun, where DistributedCB shards it at
     # before_fit (half the batches on 2 processes, which stopped the sweep half way to end_lr).
-    n_epochs = finder.num_it
-    saved = capture(learn, clone=True)
-    mode, epoch_log, resumed = (
-        learn.model.training,
-        dict(learn.epoch_log),
-        learn.resumed_from,
+    trial_fit(
+        learn,
+        [finder, *cbs],
+        skip=lambda cb: not getattr(cb, "run_in_lr_find", True),
+        n_epochs=finder.num_it,
+        valid=False,
     )
-    attached = list(learn.cbs)
-    try:
-        learn.remove_cbs(
-            *[c for c in attached if not getattr(c, "run_in_lr_find", True)]
-        )
-        learn.fit(n_epochs, valid=False, cbs=[finder, *cbs])
-    finally:
-        learn.remove_cbs(*learn.cbs)
-        learn.add_cbs(*attached)
-        restore(learn, saved)
-        learn.model.train(mode)
-        learn.epoch_log, learn.resumed_from = epoch_log, resumed

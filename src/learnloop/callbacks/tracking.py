@@ -143,6 +143,7 @@ class CheckpointCB(_SkipsCancelledEpochs):
     """
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
+    run_in_profile = False  # learn.profile detaches it: it writes files
 
     order = ORDERS["CheckpointCB"]
 
@@ -351,6 +352,7 @@ class EarlyStoppingCB(_SkipsCancelledEpochs):
     """
 
     run_in_lr_find = False  # lr_find detaches it for the sweep
+    run_in_profile = False  # learn.profile detaches it: it stops fits
 
     order = ORDERS["EarlyStoppingCB"]
 

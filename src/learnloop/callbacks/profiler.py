@@ -1,0 +1,299 @@
+"""`ProfileCB`: where each step's time goes, measured inside the loop users actually run.
+
+While a ProfileCB is attached, `dispatch.dispatch_table` hands it the dispatch table to instrument
+(`instrument_dispatch`): every event gets a mark when it opens and when it closes, and every hook
+is timed. The time between two marks is the step piece the loop ran there (between `before_batch`
+and `after_pred`: the forward pass; between `after_batch` and the next `before_batch`: waiting
+for the loader), the time inside hooks goes to their callback and event (`DeviceCB.before_batch`
+is the host-to-device move), and what is left inside an event is the loop's own dispatch. So the
+parts tile each step exactly, with nothing counted twice. Without a ProfileCB, nothing of this
+exists: the table holds the plain hooks and an event nobody listens to costs one dict lookup.
+
+On CUDA (and MPS) each mark synchronises the device first, so the parts are the device's time,
+not the launch's; that happens in profiled fits only, never in a normal one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import check_int
+from ..events import (
+    EVENTS,
+    CancelFitException,
+    CancelTrainException,
+    CancelValidException,
+)
+from .core import ORDERS, Callback
+from .device import DeviceCB
+from .metric_kinds import batch_size
+from .profile_report import (
+    BACKWARD,
+    FORWARD,
+    HOST_TO_DEVICE,
+    LOADER,
+    LOOP,
+    LOSS,
+    STEP,
+    ZERO_GRAD,
+    PhaseProfile,
+    ProfileReport,
+)
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["ProfileCB"]
+
+Hook = Callable[..., Any]
+Table = dict[str, list[tuple[Any, Hook]]]
+
+# What the loop runs between one event's end and the next one's start.
+_BETWEEN: dict[tuple[str, str], str] = {
+    ("after_batch", "before_batch"): LOADER,
+    ("before_train", "before_batch"): LOADER,
+    ("before_validate", "before_batch"): LOADER,
+    ("before_batch", "after_pred"): FORWARD,
+    ("after_pred", "after_loss"): LOSS,
+    (
+        "after_pred",
+        "after_batch",
+    ): LOSS,  # a batch without targets: get_loss set no loss
+    ("before_backward", "after_backward"): BACKWARD,
+    ("before_step", "after_step"): STEP,
+    ("after_step", "after_batch"): ZERO_GRAD,
+}
+
+_PHASES = {"before_train": "train", "before_validate": "valid"}
+
+
+class ProfileCB(Callback):
+    """Times every part of each step: the loader, the device move, forward, loss, backward, step, zero_grad, each hook.
+
+    `learn.profile()` attaches one for a short run and returns its report. Attached to a fit of
+    yours (`learn.fit(3, cbs=ProfileCB())`), it times the whole fit; `.report()` then says where
+    the time went. With `n_batches`, each phase stops after `warmup + n_batches` batches and the
+    fit ends after the first epoch. The first `warmup` batches of each phase (worker start-up,
+    first allocations) run but are not counted, unless a phase has no other.
+
+    Example:
+        >>> profiler = ProfileCB()  # doctest: +SKIP
+        >>> learn.fit(1, cbs=profiler)  # doctest: +SKIP
+        >>> print(profiler.report())  # doctest: +SKIP
+    """
+
+    order = ORDERS["ProfileCB"]
+    unique = True
+    run_in_lr_find = False
+
+    def __init__(self, n_batches: int | None = None, warmup: int = 2) -> None:
+        if n_batches is not None:
+            check_int(n_batches, "ProfileCB n_batches", minimum=1, unit="batches")
+        check_int(warmup, "ProfileCB warmup", minimum=0, unit="batches")
+        self.n_batches, self.warmup = n_batches, warmup
+        self.skipped: list[
+            str
+        ] = []  # callbacks the run detached (set by learn.profile)
+        self._reset()
+
+    def _reset(self) -> None:
+        # Per phase, one dict per batch: part -> seconds, plus "_wall", "_samples", "_events",
+        # "_hooks" (the profiler's own marks and timed hooks, to estimate its cost).
+        self._batches: dict[str, list[dict[str, float]]] = {"train": [], "valid": []}
+        self._phase: str | None = None
+        self._current: dict[str, float] = {}
+        self._last_event = ""
+        self._last_end = self._event_start = self._batch_start = 0.0
+        self._event_hooks = 0.0
+        self._clock: Callable[[], float] = time.perf_counter
+        self._synced = ""
+        self._loader: Any = None
+
+    # ---------------------------------------------------------------- instrumenting
+    def instrument_dispatch(self, table: Table) -> Table:
+        """The dispatch table with every event marked and every hook timed (see the module docstring)."""
+        timed: Table = {}
+        for event in EVENTS:
+            hooks = [
+                (cb, h if cb is self else self._timed(cb, event, h))  # its own: untimed
+                for cb, h in table.get(event, ())
+            ]
+            timed[event] = [
+                (self, self._opener(event)),
+                *hooks,
+                (self, self._closer(event)),
+            ]
+        return timed
+
+    def _opener(self, event: str) -> Hook:
+        phase = _PHASES.get(event)
+
+        def open_event(learn: Learner, **context: Any) -> None:
+            if phase is not None:
+                self._start_phase(learn, phase)
+            t = self._clock()
+            part = _BETWEEN.get((self._last_event, event), LOOP)
+            current = self._current
+            current[part] = current.get(part, 0.0) + t - self._last_end
+            current["_events"] = current.get("_events", 0.0) + 1
+            self._event_start, self._event_hooks = t, 0.0
+
+        return open_event
+
+    def _closer(self, event: str) -> Hook:
+        def close_event(learn: Learner, **context: Any) -> None:
+            t = self._clock()
+            current = self._current
+            inside = t - self._event_start - self._event_hooks
+            current[LOOP] = current.get(LOOP, 0.0) + inside
+            self._last_event, self._last_end = event, t
+            if event == "after_batch" and self._phase is not None:
+                current["_wall"] = t - self._batch_start
+                current["_samples"] = batch_size(learn.yb, learn.xb)
+                self._batches[self._phase].append(current)
+                self._current, self._batch_start = {}, t
+            elif event in _PHASES:  # the phase's first batch starts here
+                self._current, self._batch_start = {}, t
+
+        return close_event
+
+    def _timed(self, cb: Any, event: str, hook: Hook) -> Hook:
+        part = (
+            HOST_TO_DEVICE
+            if isinstance(cb, DeviceCB) and event == "before_batch"
+            else f"{type(cb).__name__}.{event}"
+        )
+
+        def timed_hook(learn: Learner, **context: Any) -> Any:
+            t = self._clock()
+            try:
+                return hook(learn, **context)
+            finally:
+                spent = self._clock() - t
+                self._event_hooks += spent
+                current = self._current
+                current[part] = current.get(part, 0.0) + spent
+                current["_hooks"] = current.get("_hooks", 0.0) + 1
+
+        return timed_hook
+
+    def _start_phase(self, learn: Learner, phase: str) -> None:
+        self._phase = phase
+        if phase == "train":
+            self._loader = learn.dl
+        if not self._synced:
+            self._use_device_clock(learn)
+
+    def _use_device_clock(self, learn: Learner) -> None:
+        """On CUDA or MPS, each mark waits for the device first (profiled runs only)."""
+        first = next(learn.model.parameters(), None)
+        kind = first.device.type if first is not None else "cpu"
+        perf_counter = time.perf_counter
+        if kind == "cuda":
+            device = first.device  # type: ignore[union-attr]
+
+            def clock() -> float:
+                torch.cuda.synchronize(device)
+                return perf_counter()
+
+            self._clock = clock
+        elif kind == "mps":
+
+            def clock() -> float:
+                torch.mps.synchronize()
+                return perf_counter()
+
+            self._clock = clock
+        self._synced = kind
+
+    # ---------------------------------------------------------------- events
+    def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self._reset()
+
+    def before_batch(self, learn: Learner, iter: int, **kwargs: Any) -> None:
+        if self.n_batches is not None and iter >= self.warmup + self.n_batches:
+            # Enough of this phase: this batch was fetched but does not run.
+            if learn.training:
+                raise CancelTrainException("profile: enough training batches")
+            raise CancelValidException("profile: enough validation batches")
+
+    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        if self.n_batches is not None:
+            raise CancelFitException("profile: done")
+
+    # ---------------------------------------------------------------- the report
+    def report(self) -> ProfileReport:
+        """Where each step's time went, per phase, with the one thing to do about it."""
+        phases = {
+            name: self._phase_profile(name, batches)
+            for name, batches in self._batches.items()
+            if batches
+        }
+        if not phases:
+            raise RuntimeError(
+                "ProfileCB timed no batch: attach it to a fit that runs batches "
+                "(learn.fit(1, cbs=ProfileCB())), or use learn.profile()."
+            )
+        per_mark, per_hook = _own_cost()
+        return ProfileReport(
+            phases=phases,
+            device=self._synced or "cpu",
+            synced=self._synced in ("cuda", "mps"),
+            profiler_us={
+                name: 1e6 * (p.marks * per_mark + p.timed_hooks * per_hook)
+                for name, p in phases.items()
+            },
+            num_workers=getattr(self._loader, "num_workers", None),
+            skipped=list(self.skipped),
+            warmup=self.warmup,
+        )
+
+    def _phase_profile(
+        self, name: str, batches: list[dict[str, float]]
+    ) -> PhaseProfile:
+        counted = batches[self.warmup :] or batches
+        n = len(counted)
+        parts: dict[str, float] = {}
+        for b in counted:
+            for part, seconds in b.items():
+                if not part.startswith("_"):
+                    parts[part] = parts.get(part, 0.0) + seconds
+        mean = lambda key: sum(b.get(key, 0.0) for b in counted) / n
+        return PhaseProfile(
+            name=name,
+            n_batches=n,
+            warmup=len(batches) - n,
+            step_us=1e6 * mean("_wall"),
+            samples=mean("_samples"),
+            parts_us={part: 1e6 * s / n for part, s in parts.items()},
+            marks=mean("_events"),
+            timed_hooks=mean("_hooks"),
+        )
+
+
+def _own_cost(repeats: int = 2000) -> tuple[float, float]:
+    """Seconds the profiler adds per event it marks and per hook it times, measured here."""
+    probe = ProfileCB()
+
+    def noop(learn: Any, **context: Any) -> None:
+        return None
+
+    plain = [(probe, noop)]
+    marked = probe.instrument_dispatch({"after_step": plain})
+    timed = marked["after_step"]
+    bare = marked["before_step"]  # an event with marks only
+
+    def cost(entries: list[tuple[Any, Hook]]) -> float:
+        t = time.perf_counter()
+        for _ in range(repeats):
+            for _, hook in entries:
+                hook(None)
+        return (time.perf_counter() - t) / repeats
+
+    per_mark = max(0.0, cost(bare))  # an event's two marks (its open and close)
+    per_hook = max(0.0, cost(timed) - per_mark - cost(plain))
+    return per_mark, per_hook

@@ -1,0 +1,257 @@
+"""Tests for learn.profile / ProfileCB: the parts tile the step, the culprit is named, the learner is kept."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from helpers import assert_same, make_data, make_dls
+from matplotlib.figure import Figure
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from learnloop import (
+    ActivationStatsCB,
+    Callback,
+    CheckpointCB,
+    DataLoaders,
+    Learner,
+    ProfileCB,
+    ProfileReport,
+)
+from learnloop.callbacks.profile_report import (
+    BACKWARD,
+    FORWARD,
+    HOST_TO_DEVICE,
+    LOADER,
+    LOSS,
+    STEP,
+    ZERO_GRAD,
+)
+
+
+class SlowForward(nn.Module):
+    """A linear layer whose forward also sleeps, so a step takes milliseconds."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.lin, self.seconds = nn.Linear(4, 3), seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.lin(x)
+
+
+class TimedLoader:
+    """Yields `batches` and records when each is handed over: the step, measured outside the loop."""
+
+    def __init__(self, batches):
+        self.batches, self.times = batches, []
+
+    def __iter__(self):
+        for b in self.batches:
+            self.times.append(time.perf_counter())
+            yield b
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class SlowItems(Dataset):
+    """`make_data` whose items each take `seconds` to fetch."""
+
+    def __init__(self, seconds: float) -> None:
+        self.data, self.seconds = make_data(256), seconds
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        time.sleep(self.seconds)
+        return self.data[i]
+
+
+class SlowCB(Callback):
+    def after_batch(self, learn, *args, **kwargs):
+        time.sleep(0.003)
+
+
+def batches(n: int, bs: int = 16):
+    return list(DataLoader(make_data(n * bs), batch_size=bs))
+
+
+def test_parts_add_up_to_the_step_measured_outside_the_loop():
+    train = TimedLoader(batches(24))
+    learn = Learner(SlowForward(0.002), DataLoaders(train, batches(4)), cbs=[SlowCB()])
+    report = learn.profile(n_batches=20, warmup=2, valid=False)
+    phase = report.train
+    assert phase.n_batches == 20 and report.valid is None
+    # Counted batches are 2..21: from the hand-over of batch 2 to that of batch 22.
+    outside = (train.times[22] - train.times[2]) / 20 * 1e6
+    assert phase.step_us == pytest.approx(outside, rel=0.05)
+    assert sum(phase.parts_us.values()) == pytest.approx(phase.step_us, rel=0.05)
+    # Each sleep lands in its own part.
+    assert phase.parts_us[FORWARD] == pytest.approx(2000, rel=0.5)
+    assert phase.parts_us["SlowCB.after_batch"] == pytest.approx(3000, rel=0.5)
+    assert phase.samples == 16
+    assert phase.samples_per_s == pytest.approx(16 / phase.step_us * 1e6)
+
+
+def test_every_piece_of_the_step_has_its_part():
+    report = Learner(nn.Linear(4, 3), make_dls(n=640)).profile(n_batches=5)
+    train, valid = report.train, report.valid
+    for part in (LOADER, HOST_TO_DEVICE, FORWARD, LOSS, BACKWARD, STEP, ZERO_GRAD):
+        assert train.parts_us[part] > 0, part
+    assert train.parts_us["MetricsCB.after_loss"] > 0
+    assert train.parts_us["ProgressCB.after_batch"] > 0
+    # Validation has no backward, step or zero_grad; the profiler's own hooks are not listed.
+    assert not {BACKWARD, STEP, ZERO_GRAD} & valid.parts_us.keys()
+    assert not any(p.startswith("ProfileCB") for p in train.parts_us)
+    assert (train.n_batches, valid.n_batches) == (5, 5)
+
+
+def test_a_slow_dataset_is_the_loaders_share():
+    dls = DataLoaders(
+        DataLoader(SlowItems(0.0005), batch_size=16), DataLoader(make_data(64), 32)
+    )
+    report = Learner(nn.Linear(4, 3), dls).profile(n_batches=6, valid=False)
+    assert report.train.share(LOADER) > 0.8
+    assert report.advice.startswith("the loader takes")
+    assert "num_workers=4" in report.advice and "batched=True" in report.advice
+
+
+def test_a_slow_callback_is_named_first():
+    report = Learner(nn.Linear(4, 3), make_dls(n=320), cbs=[SlowCB()]).profile(
+        n_batches=6
+    )
+    first_row = report.table().splitlines()[4].split()
+    assert first_row[0] == "SlowCB.after_batch"
+    assert report.advice.startswith("SlowCB.after_batch takes")
+    assert report.train.share("SlowCB.after_batch") > 0.5
+
+
+def test_the_report_prints_and_plots():
+    report = Learner(nn.Linear(4, 3), make_dls(n=320)).profile(n_batches=4)
+    text = str(report)
+    assert "training step:" in text and "validation step:" in text
+    assert "samples/s" in text and "sum of parts" in text
+    assert text.splitlines()[-1] == report.advice
+    fig = report.plot()
+    assert isinstance(fig, Figure)
+    bars = fig.axes[0].patches
+    # One segment per part of each phase.
+    assert len(bars) == len({*report.train.parts_us, *report.valid.parts_us}) * 2
+
+
+def test_profile_leaves_the_learner_as_it_was(tmp_path):
+    stats = ActivationStatsCB(nn.ReLU)
+    learn = Learner(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+        make_dls(n=320),
+        opt_func=torch.optim.AdamW,
+        cbs=[stats, CheckpointCB(tmp_path / "ckpt")],
+    )
+    learn.fit(1)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    before = {
+        "model": learn.model.state_dict(),
+        "opt": learn.opt.state_dict(),
+        "losses": learn.recorder.losses,
+        "history": learn.metrics.history,
+        "counters": (learn.epoch, learn.epochs_done, learn.n_epochs),
+        "means": stats.means,
+        "epoch_log": learn.epoch_log,
+    }
+    before = {k: _copy(v) for k, v in before.items()}
+    cbs, table = list(learn.cbs), dict(learn._table)
+    report = learn.profile(n_batches=4)
+    assert report.skipped == ["CheckpointCB"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == files
+    after = {
+        "model": learn.model.state_dict(),
+        "opt": learn.opt.state_dict(),
+        "losses": learn.recorder.losses,
+        "history": learn.metrics.history,
+        "counters": (learn.epoch, learn.epochs_done, learn.n_epochs),
+        "means": stats.means,
+        "epoch_log": learn.epoch_log,
+    }
+    assert_same(before, after)
+    assert learn.cbs == cbs and learn._table.keys() == table.keys()
+    # The plain table again: an event nobody listens to is absent (one dict lookup).
+    assert "after_cancel_step" not in learn._table
+    assert all(h == table[e] for e, h in learn._table.items())
+
+
+def test_profile_restores_after_an_error():
+    class Boom(Callback):
+        def after_batch(self, learn, iter, **kwargs):
+            if iter == 3:
+                raise RuntimeError("boom")
+
+    learn = Learner(nn.Linear(4, 3), make_dls(n=320))
+    learn.fit(1)
+    weights = _copy(learn.model.state_dict())
+    with pytest.raises(RuntimeError, match="boom"):
+        learn.profile(n_batches=10, cbs=Boom())
+    assert_same(weights, learn.model.state_dict())
+    assert not any(isinstance(cb, (Boom, ProfileCB)) for cb in learn.cbs)
+
+
+def test_profilecb_times_a_whole_fit():
+    profiler = ProfileCB(warmup=1)
+    learn = Learner(nn.Linear(4, 3), make_dls(n=160, bs=16))  # 10 + 3 batches
+    learn.fit(2, cbs=profiler)
+    assert len(learn.recorder.losses) == 20  # nothing stopped
+    report = profiler.report()
+    assert isinstance(report, ProfileReport)
+    assert report.train.n_batches == 19 and report.valid.n_batches == 5
+    assert "after_cancel_step" not in learn._table  # instrumented only while attached
+
+
+def test_the_table_is_instrumented_while_a_profilecb_is_attached():
+    learn = Learner(nn.Linear(4, 3), make_dls())
+    assert "after_cancel_step" not in learn._table
+    profiler = ProfileCB()
+    learn.add_cbs(profiler)
+    assert len(learn._table["after_cancel_step"]) == 2  # its open and close marks
+    learn.remove_cbs(profiler)
+    assert "after_cancel_step" not in learn._table
+
+
+def test_warmup_batches_count_when_a_phase_has_no_other():
+    learn = Learner(
+        nn.Linear(4, 3), make_dls(n=32, bs=16)
+    )  # 2 training batches, 1 valid
+    report = learn.profile(n_batches=5, warmup=2)
+    assert report.train.n_batches == 2 and report.valid.n_batches == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_batches": 0}, "n_batches"),
+        ({"warmup": -1}, "warmup"),
+        ({"n_batches": 2.5}, "n_batches"),
+    ],
+)
+def test_bad_arguments_name_the_culprit(kwargs, match):
+    learn = Learner(nn.Linear(4, 3), make_dls())
+    with pytest.raises((TypeError, ValueError), match=match):
+        learn.profile(**kwargs)
+
+
+def test_a_report_of_no_batch_says_how_to_get_one():
+    with pytest.raises(RuntimeError, match="timed no batch"):
+        ProfileCB().report()
+
+
+def _copy(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: _copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_copy(v) for v in x)
+    return x
