@@ -7,7 +7,8 @@ Checks: float16 autocast with a GradScaler (a forced inf gradient is skipped and
 on CUDA without a scaler, float16 + accumulation + clipping against float32, pinned-memory batches
 moved by DeviceCB with non_blocking=True, CompileCB (inductor) against eager outputs, and FSDP2 with
 bfloat16 mixed precision (a process group of one: nccl on CUDA, gloo on the CPU; a sharded
-checkpoint written and loaded back). Without CUDA and without --device it says so and exits 0.
+checkpoint written and loaded back), and learn.profile (each part waits for the device in the
+profiled batches; a normal fit never synchronises). Without CUDA and without --device it says so and exits 0.
 Exit status 1 when a check fails.
 """
 
@@ -234,6 +235,38 @@ def check_fsdp_bf16(device: str) -> str:
     return f"{backend}, loss {before:.3f} -> {after:.3f}, sharded checkpoint round trip"
 
 
+def check_profile(device: str) -> str:
+    """learn.profile on the device: parts tile the step, each waits for the device; a normal fit never syncs."""
+    syncs = []
+    real_sync = torch.cuda.synchronize
+
+    def counting_sync(*args, **kwargs):
+        syncs.append(1)
+        return real_sync(*args, **kwargs)
+
+    learn = learner(device, [], pin=device == "cuda")
+    torch.cuda.synchronize = counting_sync
+    try:
+        learn.fit(1)
+        in_fit = len(syncs)
+        report = learn.profile(n_batches=8)
+    finally:
+        torch.cuda.synchronize = real_sync
+    train = report.train
+    total = sum(train.parts_us.values())
+    assert in_fit == 0, f"a normal fit synchronised {in_fit} times"
+    assert report.synced == (device == "cuda"), report.synced
+    if device == "cuda":
+        assert len(syncs) > 0, "the profiled batches never waited for the device"
+    assert abs(total - train.step_us) <= 0.05 * train.step_us, (total, train.step_us)
+    assert train.parts_us["forward"] > 0 and train.parts_us["backward"] > 0
+    top = sorted(train.parts_us.items(), key=lambda kv: -kv[1])[:3]
+    return (
+        f"step {train.step_us:.0f} us, sum of parts {total:.0f} us, "
+        f"top: {', '.join(f'{p} {us:.0f}' for p, us in top)}; {report.advice}"
+    )
+
+
 CHECKS: list[Callable[[str], str]] = [
     check_fp16_scaler,
     check_bf16,
@@ -241,6 +274,7 @@ CHECKS: list[Callable[[str], str]] = [
     check_pinned_non_blocking,
     check_compile,
     check_fsdp_bf16,
+    check_profile,
 ]
 
 
