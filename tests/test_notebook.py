@@ -17,7 +17,13 @@ from helpers import FakeKernel, make_dls
 from matplotlib import pyplot as plt
 from torch import nn
 
-from learnloop import ActivationStatsCB, Learner, LRFindResult, ProgressCB
+from learnloop import (
+    ActivationStatsCB,
+    Learner,
+    LRFindResult,
+    ProfileReport,
+    ProgressCB,
+)
 from learnloop.data import DataLoaders, Normalize, load_digits
 from learnloop.figure import NotebookFigure, new_figure, png_data
 from learnloop.notebook import LiveOutput, NotebookBar, in_notebook, show_at_cell_end
@@ -172,26 +178,42 @@ class TestNotebookBar:
         assert kernel.shown()[0]["text/plain"].startswith("train:   0%")
 
 
-class TestLRFindShowPlot:
+# The calls that draw their result in a notebook, and the result's class.
+SHOWN = {
+    "lr_find": (
+        lambda learn, show: learn.lr_find(num_it=10, show_plot=show),
+        LRFindResult,
+    ),
+    "profile": (
+        lambda learn, show: learn.profile(n_batches=3, show_plot=show),
+        ProfileReport,
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(SHOWN))
+class TestShowPlot:
     @pytest.mark.parametrize(
         ("show_plot", "images"), [(None, 1), (True, 1), (False, 0)]
     )
-    def test_in_a_notebook(self, kernel, show_plot, images):
-        """`lr = learn.lr_find()` shows the sweep's plot when the cell ends (not with show_plot=False)."""
+    def test_in_a_notebook(self, kernel, call, show_plot, images):
+        """`lr = learn.lr_find()` and `learn.profile()` show their plot when the cell ends (not with show_plot=False)."""
+        run, kind = SHOWN[call]
         learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
-        lr = learn.lr_find(num_it=10, show_plot=show_plot)
+        result = run(learn, show_plot)
         kernel.end_cell()
-        assert kernel.images() == images and isinstance(lr, float)
+        assert kernel.images() == images and isinstance(result, kind)
 
     @pytest.mark.parametrize("show_plot", [None, True])
-    def test_outside_a_notebook(self, monkeypatch, show_plot):
-        """Outside a notebook lr_find draws nothing; show_plot=True says where the plot shows."""
+    def test_outside_a_notebook(self, monkeypatch, call, show_plot):
+        """Outside a notebook nothing is drawn; show_plot=True says where the plot shows."""
+        run, kind = SHOWN[call]
         drawn = []
-        monkeypatch.setattr(LRFindResult, "plot", lambda self: drawn.append(self))
+        monkeypatch.setattr(kind, "plot", lambda self: drawn.append(self))
         learn = Learner(nn.Linear(4, 3), make_dls(), default_cbs=False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            learn.lr_find(num_it=10, show_plot=show_plot)
+            run(learn, show_plot)
         assert drawn == []
         said = [str(w.message) for w in caught if "notebook only" in str(w.message)]
         assert len(said) == int(bool(show_plot))
