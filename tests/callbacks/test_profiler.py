@@ -17,6 +17,7 @@ from learnloop import (
     CheckpointCB,
     DataLoaders,
     Learner,
+    PhaseProfile,
     ProfileCB,
     ProfileReport,
 )
@@ -25,6 +26,7 @@ from learnloop.callbacks.profile_report import (
     FORWARD,
     HOST_TO_DEVICE,
     LOADER,
+    LOOP,
     LOSS,
     STEP,
     ZERO_GRAD,
@@ -255,3 +257,44 @@ def _copy(x):
     if isinstance(x, (list, tuple)):
         return type(x)(_copy(v) for v in x)
     return x
+
+
+def report_of(parts: dict[str, float], num_workers: int | None = 0) -> ProfileReport:
+    """A report of one training phase whose step is the sum of `parts` (µs)."""
+    phase = PhaseProfile(
+        "train", 10, 2, sum(parts.values()), 64, parts, marks=16, timed_hooks=8
+    )
+    return ProfileReport({"train": phase}, num_workers=num_workers)
+
+
+@pytest.mark.parametrize(
+    ("parts", "workers", "says"),
+    [
+        (
+            {LOADER: 70, FORWARD: 30},
+            0,
+            "the loader takes 70% of each training step: load in worker processes (DataLoader(..., num_workers=4))",
+        ),
+        ({LOADER: 70, FORWARD: 30}, 3, "its 3 workers don't keep up"),
+        ({LOADER: 20, FORWARD: 80}, None, "the loader takes 20%"),
+        (
+            {HOST_TO_DEVICE: 30, FORWARD: 70},
+            0,
+            "moving each batch to the device takes 30%",
+        ),
+        ({STEP: 40, FORWARD: 30, BACKWARD: 30}, 0, "the optimizer step takes 40%"),
+        ({LOOP: 30, FORWARD: 70}, 0, "learnloop's own loop takes 30%"),
+        (
+            {"MyCB.after_loss": 12, LOADER: 11, FORWARD: 77},
+            0,
+            "MyCB.after_loss takes 12%",
+        ),
+        (
+            {FORWARD: 40, LOSS: 10, BACKWARD: 40, LOADER: 10},
+            0,
+            "the model's forward, loss and backward take 90%",
+        ),
+    ],
+)
+def test_the_advice_names_the_largest_part_that_can_be_acted_on(parts, workers, says):
+    assert says in report_of(parts, workers).advice

@@ -18,7 +18,9 @@ def load(name: str) -> ModuleType:
     return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "custom_callback"])
+@pytest.mark.parametrize(
+    "name", ["fashion_mnist", "custom_callback", "profile_loaders"]
+)
 def test_examples_are_scripts(name):
     """Each example opens with a docstring showing its command and keeps its work in main()."""
     module = load(name)
@@ -49,6 +51,28 @@ def test_fashion_mnist(tmp_path, capsys):
     )
     assert 0 <= accuracy <= 1 and out.stat().st_size > 0
     assert "valid_loss" in capsys.readouterr().out
+
+
+def test_profile_loaders(tmp_path, capsys):
+    """The profiling example profiles the per-item and the batched loader and writes both plots."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image_dataset(24).to_parquet(data / "train.parquet")
+    image_dataset(16).to_parquet(data / "test.parquet")
+    out = tmp_path / "profile.png"
+    reports = load("profile_loaders").main(
+        ["--data", str(data), "--bs", "4", "--batches", "2", "--out", str(out)]
+    )
+    assert set(reports) == {"per_item", "batched"}
+    assert all(
+        r.train.n_batches == 2 and r.valid.n_batches == 2 for r in reports.values()
+    )
+    for name in reports:
+        assert (tmp_path / f"{name}_profile.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert (
+        printed.count("\ntraining step:") == 2 and reports["batched"].advice in printed
+    )
 
 
 def test_custom_callback(capsys):

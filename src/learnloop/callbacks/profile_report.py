@@ -20,6 +20,15 @@ STEP = "optimizer step"
 ZERO_GRAD = "zero_grad"
 LOOP = "learnloop (events, loop)"
 PIECES = (LOADER, HOST_TO_DEVICE, FORWARD, LOSS, BACKWARD, STEP, ZERO_GRAD)
+# What to do when a part is the largest that can be acted on.
+_LIGHTER = "make it lighter (no .item() or host sync per batch; do the work once per epoch), or detach it."
+_PIN = (
+    "pass pin_memory=True to the DataLoader, so the non_blocking copy overlaps compute."
+)
+_FUSED = "try a foreach or fused optimizer, e.g. opt_func=partial(torch.optim.AdamW, fused=True)."
+_LARGER_BATCH = (
+    "the model's work is tiny; a larger batch spreads the loop over more samples."
+)
 _PHASE_NAMES = {"train": "training", "valid": "validation"}
 
 
@@ -93,57 +102,31 @@ class ProfileReport:
         assert phase is not None  # a report has a phase
         step = f"each {_PHASE_NAMES[phase.name]} step"
         loader = phase.share(LOADER)
-        if loader >= 0.3:
+        if loader >= 0.3:  # whatever else there is: the model waits for the data
             return f"the loader takes {loader:.0%} of {step}: {self._loader_fix()}"
         own = phase.parts_us.get(LOOP, 0.0) - self.profiler_us.get(phase.name, 0.0)
+        # (share, the least share worth a word, who, what to do): the largest one counts.
         candidates = [
+            (loader, 0.15, "the loader", self._loader_fix()),
+            *(
+                (us / phase.step_us, 0.1, part, _LIGHTER)
+                for part, us in phase.callbacks().items()
+            ),
             (
-                share,
-                (
-                    f"{part} takes {share:.0%} of {step}: make it lighter (no .item() or "
-                    "host sync per batch; do the work once per epoch), or detach it."
-                ),
-            )
-            for part, us in phase.callbacks().items()
-            if (share := us / phase.step_us) >= 0.1
+                phase.share(HOST_TO_DEVICE),
+                0.15,
+                "moving each batch to the device",
+                _PIN,
+            ),
+            (phase.share(STEP), 0.25, "the optimizer step", _FUSED),
+            (own / phase.step_us, 0.15, "learnloop's own loop", _LARGER_BATCH),
         ]
-        h2d, opt, loop = (
-            phase.share(HOST_TO_DEVICE),
-            phase.share(STEP),
-            own / phase.step_us,
-        )
-        if h2d >= 0.15:
-            candidates.append(
-                (
-                    h2d,
-                    (
-                        f"moving each batch to the device takes {h2d:.0%} of {step}: pass "
-                        "pin_memory=True to the DataLoader, so the non_blocking copy overlaps compute."
-                    ),
-                )
-            )
-        if opt >= 0.25:
-            candidates.append(
-                (
-                    opt,
-                    (
-                        f"the optimizer step takes {opt:.0%} of {step}: try a foreach or fused "
-                        "optimizer, e.g. opt_func=partial(torch.optim.AdamW, fused=True)."
-                    ),
-                )
-            )
-        if loop >= 0.15:
-            candidates.append(
-                (
-                    loop,
-                    (
-                        f"learnloop's own loop takes {loop:.0%} of {step}, as the model's work is "
-                        "tiny: a larger batch spreads it over more samples."
-                    ),
-                )
-            )
-        if candidates:
-            return max(candidates, key=lambda c: c[0])[1]
+        acted = [
+            (share, who, fix) for share, least, who, fix in candidates if share >= least
+        ]
+        if acted:
+            share, who, fix = max(acted, key=lambda c: c[0])
+            return f"{who} takes {share:.0%} of {step}: {fix}"
         model = sum(phase.share(p) for p in (FORWARD, LOSS, BACKWARD))
         return (
             f"the model's forward, loss and backward take {model:.0%} of {step}: the loop "
