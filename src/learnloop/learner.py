@@ -418,8 +418,8 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
     ) -> ProfileReport:
         """Time `n_batches` training and validation batches part by part; return the report.
 
-        Runs the fit you would run (your callbacks and the defaults, each hook timed) for
-        `warmup + n_batches` batches of each phase, the first `warmup` not counted, then restores
+        Runs one epoch of the fit you would run (your callbacks and the defaults, each hook timed)
+        limited to `warmup + n_batches` batches a phase, the first `warmup` not counted, then restores
         the learner as `lr_find` does (see `learnloop.trial`). Callbacks that write files or stop
         fits (CheckpointCB, EarlyStoppingCB, the loggers: `run_in_profile = False`) are detached
         for it. The report prints as a table (µs per step and share for the loader wait, the
@@ -428,15 +428,18 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         stacked bar, which a notebook shows (`show_plot` as in `lr_find`). On CUDA each part
         waits for the device, in these batches only (see `learnloop.callbacks.profiler`).
         """
+        from .callbacks.debug import LimitBatchesCB
         from .callbacks.profiler import ProfileCB
         from .notebook import in_notebook
         from .trial import trial_fit
 
-        profiler = ProfileCB(n_batches, warmup)
+        check_int(n_batches, "profile n_batches", minimum=1, unit="batches")
+        profiler = ProfileCB(warmup)
+        limit = LimitBatchesCB(train=warmup + n_batches, valid=warmup + n_batches)
         self._prepare_model()
         skipped = trial_fit(
             self,
-            [profiler, *as_callbacks(cbs)],
+            [profiler, limit, *as_callbacks(cbs)],
             skip=lambda cb: not getattr(cb, "run_in_profile", True),
             n_epochs=1,
             valid=valid,

@@ -93,9 +93,14 @@ def test_parts_add_up_to_the_step_measured_outside_the_loop():
     outside = (train.times[22] - train.times[2]) / 20 * 1e6
     assert phase.step_us == pytest.approx(outside, rel=0.05)
     assert sum(phase.parts_us.values()) == pytest.approx(phase.step_us, rel=0.05)
-    # Each sleep lands in its own part.
-    assert phase.parts_us[FORWARD] == pytest.approx(2000, rel=0.5)
-    assert phase.parts_us["SlowCB.after_batch"] == pytest.approx(3000, rel=0.5)
+    # Each sleep lands in its own part (a sleep lasts at least as long as asked), and only there.
+    assert (
+        phase.parts_us[FORWARD] >= 2000 and phase.parts_us["SlowCB.after_batch"] >= 3000
+    )
+    rest = (
+        phase.step_us - phase.parts_us[FORWARD] - phase.parts_us["SlowCB.after_batch"]
+    )
+    assert rest < 0.2 * phase.step_us
     assert phase.samples == 16
     assert phase.samples_per_s == pytest.approx(16 / phase.step_us * 1e6)
 
@@ -233,9 +238,9 @@ def test_warmup_batches_count_when_a_phase_has_no_other():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"n_batches": 0}, "n_batches"),
-        ({"warmup": -1}, "warmup"),
-        ({"n_batches": 2.5}, "n_batches"),
+        ({"n_batches": 0}, "profile n_batches"),
+        ({"warmup": -1}, "ProfileCB warmup"),
+        ({"n_batches": 2.5}, "profile n_batches"),
     ],
 )
 def test_bad_arguments_name_the_culprit(kwargs, match):

@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # its own from here. Your callbacks default to 0; place one by name, e.g.
 # `order = MetricsCB.order + 1` to run after the metrics are recorded.
 ORDERS: dict[str, int] = {
-    "ProfileCB": -100,  # first: stops a phase in before_batch before anyone handles the batch
+    "ProfileCB": -100,  # first: resets its records before anyone's before_fit runs
     "LimitBatchesCB": -30,  # before DeviceCB moves a batch that will not run
     "DeviceCB": -20,  # model and batch on the device before anyone reads them
     "CompileCB": -15,  # compiles the model once it is on its device

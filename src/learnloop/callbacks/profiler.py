@@ -22,12 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import check_int
-from ..events import (
-    EVENTS,
-    CancelFitException,
-    CancelTrainException,
-    CancelValidException,
-)
+from ..events import EVENTS
 from .core import ORDERS, Callback
 from .device import DeviceCB
 from .metric_kinds import batch_size
@@ -74,11 +69,11 @@ _PHASES = {"before_train": "train", "before_validate": "valid"}
 class ProfileCB(Callback):
     """Times every part of each step: the loader, the device move, forward, loss, backward, step, zero_grad, each hook.
 
-    `learn.profile()` attaches one for a short run and returns its report. Attached to a fit of
-    yours (`learn.fit(3, cbs=ProfileCB())`), it times the whole fit; `.report()` then says where
-    the time went. With `n_batches`, each phase stops after `warmup + n_batches` batches and the
-    fit ends after the first epoch. The first `warmup` batches of each phase (worker start-up,
-    first allocations) run but are not counted, unless a phase has no other.
+    `learn.profile()` attaches one for a few batches and returns its report. Attached to a fit of
+    yours (`learn.fit(3, cbs=ProfileCB())`), it times the whole fit (add `LimitBatchesCB` for
+    fewer batches); `.report()` then says where the time went. The first `warmup` batches of each
+    phase (worker start-up, first allocations) run but are not counted, unless a phase has no
+    other.
 
     Example:
         >>> profiler = ProfileCB()  # doctest: +SKIP
@@ -86,15 +81,13 @@ class ProfileCB(Callback):
         >>> print(profiler.report())  # doctest: +SKIP
     """
 
-    order = ORDERS["ProfileCB"]
+    order = ORDERS["ProfileCB"]  # first: its marks open before any hook
     unique = True
     run_in_lr_find = False
 
-    def __init__(self, n_batches: int | None = None, warmup: int = 2) -> None:
-        if n_batches is not None:
-            check_int(n_batches, "ProfileCB n_batches", minimum=1, unit="batches")
+    def __init__(self, warmup: int = 2) -> None:
         check_int(warmup, "ProfileCB warmup", minimum=0, unit="batches")
-        self.n_batches, self.warmup = n_batches, warmup
+        self.warmup = warmup
         self.skipped: list[
             str
         ] = []  # callbacks the run detached (set by learn.profile)
@@ -213,17 +206,6 @@ class ProfileCB(Callback):
     # ---------------------------------------------------------------- events
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._reset()
-
-    def before_batch(self, learn: Learner, iter: int, **kwargs: Any) -> None:
-        if self.n_batches is not None and iter >= self.warmup + self.n_batches:
-            # Enough of this phase: this batch was fetched but does not run.
-            if learn.training:
-                raise CancelTrainException("profile: enough training batches")
-            raise CancelValidException("profile: enough validation batches")
-
-    def after_epoch(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        if self.n_batches is not None:
-            raise CancelFitException("profile: done")
 
     # ---------------------------------------------------------------- the report
     def report(self) -> ProfileReport:
