@@ -80,6 +80,14 @@ def main(out: Path) -> None:
     ]  # rank 0 writes, alone
     learn = Learner(model, dls, lr=0.5, cbs=[MetricsCB(Accuracy()), *files])
     learn.fit(1)
+    # A profile of 1 + 1 batches a phase (of 6 and 3 on each rank) leaves everything as it was.
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    report = learn.profile(n_batches=1, warmup=1)
+    profile = {
+        "counted": (report.train.n_batches, report.valid.n_batches),
+        "kept": all(torch.equal(weights[k], v) for k, v in model.state_dict().items()),
+        "skipped": report.skipped,
+    }
     restored = learn.model is model and learn.dls is dls
     # validate/get_preds below overwrite learn.epoch_log.
     epoch_log = dict(learn.epoch_log)
@@ -133,6 +141,7 @@ def main(out: Path) -> None:
         refused = str(e)
 
     result = {
+        "profile": profile,
         "refused": refused,
         "acc_state": acc_model.state_dict(),
         "acc_synced": synced,

@@ -170,6 +170,15 @@ class TestUnderTorchrun:
         """After fit, learn.model is the user's module again and learn.dls the user's loaders."""
         assert ddp_run[0]["restored"] and ddp_run[1]["restored"]
 
+    def test_profile_runs_on_every_rank_and_keeps_the_learner(self, ddp_run):
+        """learn.profile under DDP: the limited batches on each rank, the weights kept, no files written."""
+        for r in (0, 1):
+            assert ddp_run[r]["profile"] == {
+                "counted": (1, 1),
+                "kept": True,
+                "skipped": ["CSVLoggerCB", "CheckpointCB"],
+            }
+
     def test_shuffle_differs_per_epoch_and_rank(self, ddp_run):
         """With shuffle=True the ranks read disjoint halves, and each epoch in a new order."""
         seen0, seen1 = ddp_run[0]["seen"], ddp_run[1]["seen"]
