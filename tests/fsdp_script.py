@@ -3,7 +3,7 @@
 `--mode fsdp` trains, each time on a fresh model, with `DistributedCB(strategy="fsdp",
 shard=Block)`: a plain fit followed by validate and get_preds (the validation set's shards
 differ by one batch), get_preds as a learner's first call, lr_find then fit_one_cycle,
-GradClipCB, GradAccumCB(2) and MixedPrecisionCB(bfloat16); it records how the parameters and
+GradClipCB, GradAccumCB(2) and MixedPrecisionCB(bfloat16), a profile; it records how the parameters and
 the optimizer state are sharded. `--mode ddp` runs the plain fit under DDP. Each rank writes
 its pid to OUT/pid<rank>; rank 0 writes what it saw to OUT/<mode>.pt (values each rank sees
 for itself are gathered there, one per rank). `make_learner` and the constants are imported
@@ -157,6 +157,15 @@ def run_fsdp() -> dict[str, Any]:
         "preds": learn.get_preds(cbs=[counted]),
         "valid_batches": gather_objects(counted.n),
         "sharding": gather_objects(sharding(learn)),
+    }
+    # A profile limited to 3 validation batches of rank 0's 4 and rank 1's 3: every process runs
+    # as many forwards (all-gathers), none waits for another.
+    before = full_model_state(learn.model)
+    report = learn.profile(n_batches=1, warmup=2)
+    after = full_model_state(learn.model)
+    out["profile"] = {
+        "counted": gather_objects((report.train.n_batches, report.valid.n_batches)),
+        "kept": all(torch.equal(before[k], after[k]) for k in before),
     }
     # get_preds as a fresh learner's first call: the model is sharded there.
     first = fsdp()

@@ -142,6 +142,10 @@ class TestSchedules:
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)
 
+    def test_profile_runs_on_every_process_and_keeps_the_model(self, fsdp_run):
+        """learn.profile under FSDP with uneven validation shards: 1 batch counted a phase on each process, weights kept."""
+        assert fsdp_run["profile"] == {"counted": [(1, 1), (1, 1)], "kept": True}
+
     def test_lr_find_sweeps_as_one_process(self, fsdp_run):
         """The sweep records the global batch's losses (the mean over processes): a single process's, same suggestion."""
         expected = make_learner(GLOBAL_BS, opt="sgd").lr_find()
