@@ -30,8 +30,11 @@ def sort_callbacks(cbs: Iterable[Callback]) -> list[Callback]:
     return sorted(cbs, key=lambda cb: cb.order)
 
 
-def dispatch_table(cbs: Iterable[Callback]) -> Table:
-    """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order."""
+def dispatch_table(cbs: Iterable[Callback], instrument: bool = True) -> Table:
+    """Map each event that someone listens to onto its `(callback, bound hook)` pairs, in order.
+
+    An attached `ProfileCB` instruments it, unless `instrument` is False.
+    """
     table: Table = {}
     ordered = sort_callbacks(cbs)
     for cb in ordered:
@@ -39,10 +42,10 @@ def dispatch_table(cbs: Iterable[Callback]) -> Table:
             hook = getattr(cb, event, None)
             if hook is not None:
                 table.setdefault(event, []).append((cb, hook))
-    for cb in ordered:
-        instrument = getattr(cb, "instrument_dispatch", None)
-        if instrument is not None:  # a ProfileCB times every event and hook
-            return instrument(table)
+    for cb in ordered if instrument else ():
+        timed = getattr(cb, "instrument_dispatch", None)
+        if timed is not None:  # a ProfileCB times every event and hook
+            return timed(table)
     return table
 
 
@@ -104,10 +107,13 @@ class CallbackHost:
 
     def show_training_loop(self) -> None:
         """Print, for each event, the callbacks that will run on it, in order."""
+        table = dispatch_table(
+            self.cbs, instrument=False
+        )  # a ProfileCB's marks are no hooks
         for event in EVENTS:
             names = [
                 cb.name if hasattr(cb, "name") else type(cb).__name__
-                for cb, _ in self._table.get(event, [])
+                for cb, _ in table.get(event, [])
             ]
             print(f"{event:<24} {', '.join(names) if names else '-'}")
 

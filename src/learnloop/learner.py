@@ -436,6 +436,7 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         check_int(n_batches, "profile n_batches", minimum=1, unit="batches")
         profiler = ProfileCB(warmup)
         limit = LimitBatchesCB(train=warmup + n_batches, valid=warmup + n_batches)
+        profiler.untimed = (limit,)
         self._prepare_model()
         skipped = trial_fit(
             self,

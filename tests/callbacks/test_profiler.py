@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from helpers import assert_same, make_data, make_dls
+from helpers import assert_same, make_data, make_dls, training_loop
 from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -14,12 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 from learnloop import (
     ActivationStatsCB,
     Callback,
+    CancelBatchException,
     CheckpointCB,
     DataLoaders,
     Learner,
     PhaseProfile,
     ProfileCB,
     ProfileReport,
+    SingleBatchCB,
 )
 from learnloop.callbacks.profile_report import (
     BACKWARD,
@@ -103,6 +105,29 @@ def test_parts_add_up_to_the_step_measured_outside_the_loop():
     assert rest < 0.2 * phase.step_us
     assert phase.samples == 16
     assert phase.samples_per_s == pytest.approx(16 / phase.step_us * 1e6)
+
+
+def test_a_hook_that_cancels_is_counted_once():
+    class SlowSkip(Callback):
+        def after_pred(self, learn, *args, **kwargs):
+            time.sleep(0.003)
+            raise CancelBatchException()
+
+    train = TimedLoader(batches(14))
+    learn = Learner(nn.Linear(4, 3), DataLoaders(train, batches(2)), cbs=[SlowSkip()])
+    phase = learn.profile(n_batches=10, warmup=2, valid=False).train
+    outside = (train.times[12] - train.times[2]) / 10 * 1e6
+    assert phase.step_us == pytest.approx(outside, rel=0.05)
+    assert sum(phase.parts_us.values()) == pytest.approx(phase.step_us, rel=0.05)
+    assert phase.share("SlowSkip.after_pred") > 0.8 and BACKWARD not in phase.parts_us
+
+
+def test_a_fit_stopped_after_one_batch_still_has_its_report():
+    profiler = ProfileCB()
+    Learner(nn.Linear(4, 3), make_dls()).fit(1, cbs=[profiler, SingleBatchCB()])
+    report = profiler.report()
+    assert report.train.n_batches == 1 and report.valid is None
+    assert "SingleBatchCB.after_batch" in report.train.parts_us
 
 
 def test_every_piece_of_the_step_has_its_part():
@@ -303,3 +328,11 @@ def report_of(parts: dict[str, float], num_workers: int | None = 0) -> ProfileRe
 )
 def test_the_advice_names_the_largest_part_that_can_be_acted_on(parts, workers, says):
     assert says in report_of(parts, workers).advice
+
+
+def test_show_training_loop_lists_hooks_not_the_profilers_marks(capsys):
+    learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[ProfileCB()])
+    loop = training_loop(learn, capsys)
+    assert loop["after_cancel_step"] == "-"
+    assert loop["before_fit"].startswith("ProfileCB, DeviceCB")
+    assert loop["after_pred"] == "-"

@@ -88,9 +88,9 @@ class ProfileCB(Callback):
     def __init__(self, warmup: int = 2) -> None:
         check_int(warmup, "ProfileCB warmup", minimum=0, unit="batches")
         self.warmup = warmup
-        self.skipped: list[
-            str
-        ] = []  # callbacks the run detached (set by learn.profile)
+        # Set by learn.profile: the callbacks it detached, and those it added (not timed).
+        self.skipped: list[str] = []
+        self.untimed: tuple[Callback, ...] = ()
         self._reset()
 
     def _reset(self) -> None:
@@ -107,12 +107,16 @@ class ProfileCB(Callback):
         self._loader: Any = None
 
     # ---------------------------------------------------------------- instrumenting
+    def _own(self, cb: Any) -> bool:
+        """Whether `cb` is part of the profiling (this callback, learn.profile's limit): not timed."""
+        return cb is self or any(cb is c for c in self.untimed)
+
     def instrument_dispatch(self, table: Table) -> Table:
         """The dispatch table with every event marked and every hook timed (see the module docstring)."""
         timed: Table = {}
         for event in EVENTS:
             hooks = [
-                (cb, h if cb is self else self._timed(cb, event, h))  # its own: untimed
+                (cb, h if self._own(cb) else self._timed(cb, event, h))
                 for cb, h in table.get(event, ())
             ]
             timed[event] = [
@@ -139,20 +143,24 @@ class ProfileCB(Callback):
 
     def _closer(self, event: str) -> Hook:
         def close_event(learn: Learner, **context: Any) -> None:
-            t = self._clock()
-            current = self._current
-            inside = t - self._event_start - self._event_hooks
-            current[LOOP] = current.get(LOOP, 0.0) + inside
-            self._last_event, self._last_end = event, t
-            if event == "after_batch" and self._phase is not None:
-                current["_wall"] = t - self._batch_start
-                current["_samples"] = batch_size(learn.yb, learn.xb)
-                self._batches[self._phase].append(current)
-                self._current, self._batch_start = {}, t
-            elif event in _PHASES:  # the phase's first batch starts here
-                self._current, self._batch_start = {}, t
+            self._close(learn, event)
 
         return close_event
+
+    def _close(self, learn: Learner, event: str) -> None:
+        """End `event`: what its hooks did not take was dispatch; a batch ends at `after_batch`."""
+        t = self._clock()
+        current = self._current
+        inside = t - self._event_start - self._event_hooks
+        current[LOOP] = current.get(LOOP, 0.0) + inside
+        self._last_event, self._last_end = event, t
+        if event == "after_batch" and self._phase is not None:
+            current["_wall"] = t - self._batch_start
+            current["_samples"] = batch_size(learn.yb, learn.xb)
+            self._batches[self._phase].append(current)
+            self._current, self._batch_start = {}, t
+        elif event in _PHASES:  # the phase's first batch starts here
+            self._current, self._batch_start = {}, t
 
     def _timed(self, cb: Any, event: str, hook: Hook) -> Hook:
         part = (
@@ -164,15 +172,23 @@ class ProfileCB(Callback):
         def timed_hook(learn: Learner, **context: Any) -> Any:
             t = self._clock()
             try:
-                return hook(learn, **context)
-            finally:
-                spent = self._clock() - t
-                self._event_hooks += spent
-                current = self._current
-                current[part] = current.get(part, 0.0) + spent
-                current["_hooks"] = current.get("_hooks", 0.0) + 1
+                result = hook(learn, **context)
+            except BaseException:
+                # The event's later hooks and close mark will not run (a Cancel*, an error):
+                # close it here, so its time is not counted again in the next interval.
+                self._add_hook(part, self._clock() - t)
+                self._close(learn, event)
+                raise
+            self._add_hook(part, self._clock() - t)
+            return result
 
         return timed_hook
+
+    def _add_hook(self, part: str, spent: float) -> None:
+        self._event_hooks += spent
+        current = self._current
+        current[part] = current.get(part, 0.0) + spent
+        current["_hooks"] = current.get("_hooks", 0.0) + 1
 
     def _start_phase(self, learn: Learner, phase: str) -> None:
         self._phase = phase
