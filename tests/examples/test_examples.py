@@ -96,7 +96,8 @@ def test_notebook_runs(tmp_path):
     """The notebook executes headless on this interpreter's kernel and shows its figures.
 
     Default install, no `%matplotlib inline`: show_batch, `lr = learn.lr_find()` (assigned, so
-    shown for its effect) and the live loss plot of ProgressCB(plot=True) each show an image.
+    shown for its effect), the live loss plot of ProgressCB(plot=True) and learn.profile()'s
+    stacked bar each show an image; the profile's report is the cell's text.
     """
     nbformat = pytest.importorskip("nbformat")
     nb = run_notebook(
@@ -105,6 +106,18 @@ def test_notebook_runs(tmp_path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    for shows in ("show_batch(", "lr = learn.lr_find()", "ProgressCB(plot=True)"):
+    for shows in (
+        "show_batch(",
+        "lr = learn.lr_find()",
+        "ProgressCB(plot=True)",
+        "learn.profile(",
+    ):
         (cell,) = [c for c in code if shows in c.source]
         assert png_outputs(cell) == 1, f"the cell with {shows} shows no image"
+    (profiled,) = [c for c in code if "learn.profile(" in c.source]
+    text = [
+        o.data["text/plain"]
+        for o in profiled.outputs
+        if o.output_type == "execute_result"
+    ]
+    assert len(text) == 1 and "training step:" in text[0]
