@@ -49,6 +49,9 @@ class Batches:
 
     def _resplit(self) -> None:
         """Split the batch again unless `xb`/`yb` were set: a hook may have changed it in place."""
+        # A tuple cannot change in place: splitting it again gives the same xb and yb.
+        if type(self._batch) is tuple:
+            return
         if self.xb is self._split_xb and self.yb is self._split_yb:
             self.xb, self.yb, self._unsplit = self._split(self._batch)
             self._split_xb, self._split_yb = self.xb, self.yb
