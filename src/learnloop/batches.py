@@ -63,8 +63,9 @@ class Batches:
         unsplittable batch (a dict) into a tuple.
         """
         n = self.n_inp
+        # (inputs, targets), the usual batch, split at once.
         if n == 1 and (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
-            return batch[0], batch[1], None  # (inputs, targets), the usual batch, split at once
+            return batch[0], batch[1], None
         if isinstance(batch, (tuple, list)) and len(batch) >= n:
             rest = batch[n:]
             yb = rest[0] if len(rest) == 1 else tuple(rest) if rest else None
