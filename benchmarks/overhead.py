@@ -26,8 +26,8 @@ from learnloop import DataLoaders, Learner, ProgressCB
 from learnloop.models import linear, mlp, simple_cnn
 
 WORKLOADS = {  # name: (model factory, batch size, input shape, share of --batches, target ratio)
-    "linear-784-10-bs64": (lambda: linear(784, 10), 64, (784,), 1.0, 1.15),
-    "mlp-784-50-10-bs256": (lambda: mlp(784, 10, 50), 256, (784,), 1.0, 1.05),
+    "linear-784-10-bs64": (lambda: linear(784, 10), 64, (784,), 1.0, 1.04),
+    "mlp-784-50-10-bs256": (lambda: mlp(784, 10, 50), 256, (784,), 1.0, 1.02),
     # ~0.1 s a batch on one core.
     "cnn-bs256": (
         lambda: simple_cnn(1, 10),

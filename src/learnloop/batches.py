@@ -49,6 +49,9 @@ class Batches:
 
     def _resplit(self) -> None:
         """Split the batch again unless `xb`/`yb` were set: a hook may have changed it in place."""
+        # A tuple cannot change in place: splitting it again gives the same xb and yb.
+        if type(self._batch) is tuple:
+            return
         if self.xb is self._split_xb and self.yb is self._split_yb:
             self.xb, self.yb, self._unsplit = self._split(self._batch)
             self._split_xb, self._split_yb = self.xb, self.yb
@@ -60,6 +63,9 @@ class Batches:
         unsplittable batch (a dict) into a tuple.
         """
         n = self.n_inp
+        # (inputs, targets), the usual batch, split at once.
+        if n == 1 and (type(batch) is tuple or type(batch) is list) and len(batch) == 2:
+            return batch[0], batch[1], None
         if isinstance(batch, (tuple, list)) and len(batch) >= n:
             rest = batch[n:]
             yb = rest[0] if len(rest) == 1 else tuple(rest) if rest else None

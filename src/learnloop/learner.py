@@ -46,9 +46,11 @@ from .errors import (
 from .events import (
     EVENT_SCOPES,
     LEVELS,
+    CancelBackwardException,
     CancelBatchException,
     CancelException,
     CancelFitException,
+    CancelStepException,
 )
 from .inference import Inference
 from .long_runs import LongRuns
@@ -652,10 +654,23 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
                     check_loss(self.loss, self.loss_func)
                 fire("after_loss", loss=self.loss)
             if self.training:
+                # The backward and step levels, written out as _run_level runs them: they run
+                # every training batch, and a call through _run_level costs a frame and a dict.
                 piece = "backward"
-                self._run_level("backward", self.backward, loss=self.loss)
+                loss = self.loss
+                try:
+                    fire("before_backward", loss=loss)
+                    self.backward()
+                except CancelBackwardException as e:
+                    fire("after_cancel_backward", exception=e)
+                fire("after_backward", loss=loss)
                 piece = "step"
-                self._run_level("step", self.step)
+                try:
+                    fire("before_step")
+                    self.step()
+                except CancelStepException as e:
+                    fire("after_cancel_step", exception=e)
+                fire("after_step")
                 piece = "zero_grad"
                 self.zero_grad()
         except CancelBatchException as e:

@@ -110,3 +110,17 @@ def test_device_cb_moves_optimizer_state(monkeypatch):
     learn.fit(1)
     DeviceCB("meta").before_fit(learn)
     assert moved == [learn.opt]
+
+
+def test_device_cb_keeps_batch_already_there():
+    """A batch already on the device is left as it is; one with a tensor elsewhere is moved whole."""
+    cb = DeviceCB("cpu")
+    learn = Learner(nn.Linear(4, 3), make_dls(), cbs=[cb], default_cbs=False)
+    for batch in [(torch.ones(2, 4), torch.ones(2)), [torch.ones(2, 4), torch.ones(2)]]:
+        learn.batch = batch
+        cb.before_batch(learn)
+        assert learn.batch is batch
+    cb = DeviceCB("meta")
+    learn.batch = batch = [torch.ones(2, 4, device="meta"), torch.ones(2)]
+    cb.before_batch(learn)
+    assert learn.batch is not batch and learn.yb.device.type == "meta"

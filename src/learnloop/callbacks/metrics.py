@@ -221,13 +221,19 @@ class MetricsCB(Callback):
             m.reset()
 
     def after_loss(self, learn: Learner, loss: Tensor, **kwargs: Any) -> None:
-        self._losses.append(loss.detach())
-        self._counts.append(batch_size(learn.yb, learn.xb))
-        if len(self._losses) >= _CHUNK:
+        losses, yb = self._losses, learn.yb
+        losses.append(loss.detach())
+        # The usual targets, one tensor, counted without batch_size's walk (this runs per batch).
+        if type(yb) is Tensor and yb.dim():
+            self._counts.append(yb.shape[0])
+        else:
+            self._counts.append(batch_size(yb, learn.xb))
+        if len(losses) >= _CHUNK:
             self._stack()
-        if not learn.training:
+        if not learn.training and self.metrics:
+            preds = learn.preds.detach()
             for m in self.metrics.values():
-                m.update(learn.preds.detach(), learn.yb)
+                m.update(preds, yb)
 
     def _stack(self) -> None:
         """Fold this chunk's losses into one weighted sum, on their device (no host sync)."""
