@@ -627,50 +627,60 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
     def _one_batch(self, i: int, batch: Any) -> None:
         # The batch level is written out, not run by _run_level: after_batch passes the loss,
         # which before_batch cannot. One try notes which step piece failed (`piece`), rather
-        # than a guarding call around each piece: a call costs about as much as a hook.
+        # than a guarding call around each piece: a call costs about as much as a hook. This runs
+        # every batch, so an event is fired only if it is in the table (read live: a hook may
+        # attach callbacks): the one dict lookup of an event nobody listens to, without a call.
         self.iter = i
         self.preds = self.loss = None  # a cancelled batch must not show the last one's
-        fire = self._fire
+        fire, training = self._fire, self.training
         piece = "split"
         try:
             # Split before before_batch, so its hooks see this batch's xb/yb (and may replace
             # them, or the whole batch: fastai's idiom and miniai's both reach the model).
             self.batch = batch
-            fire("before_batch", iter=i)
-            self._resplit()  # a hook may have changed the batch in place
+            if "before_batch" in self._table:
+                fire("before_batch", iter=i)
+                self._resplit()  # a hook may have changed the batch in place
             if self._unsplit is not None and self.xb is None:
                 raise TypeError(self._unsplit)
             piece = "predict"
             self.predict()
-            fire("after_pred", preds=self.preds)
+            if "after_pred" in self._table:
+                fire("after_pred", preds=self.preds)
             piece = "get_loss"
             self.get_loss()
-            if self.loss is None and not self.training:
+            loss = self.loss
+            if loss is None and not training:
                 # Predictions only (a batch without targets): no loss, so no after_loss.
                 self._no_targets += 1
             else:
                 if self._check_loss:  # each phase's first batch
                     self._check_loss = False
-                    check_loss(self.loss, self.loss_func)
-                fire("after_loss", loss=self.loss)
-            if self.training:
+                    check_loss(loss, self.loss_func)
+                if "after_loss" in self._table:
+                    fire("after_loss", loss=loss)
+            if training:
                 # The backward and step levels, written out as _run_level runs them: they run
                 # every training batch, and a call through _run_level costs a frame and a dict.
                 piece = "backward"
                 loss = self.loss
                 try:
-                    fire("before_backward", loss=loss)
+                    if "before_backward" in self._table:
+                        fire("before_backward", loss=loss)
                     self.backward()
                 except CancelBackwardException as e:
                     fire("after_cancel_backward", exception=e)
-                fire("after_backward", loss=loss)
+                if "after_backward" in self._table:
+                    fire("after_backward", loss=loss)
                 piece = "step"
                 try:
-                    fire("before_step")
+                    if "before_step" in self._table:
+                        fire("before_step")
                     self.step()
                 except CancelStepException as e:
                     fire("after_cancel_step", exception=e)
-                fire("after_step")
+                if "after_step" in self._table:
+                    fire("after_step")
                 piece = "zero_grad"
                 self.zero_grad()
         except CancelBatchException as e:
@@ -681,11 +691,11 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
             # A hook's error already carries its own note, and the first note stays.
             self._note_piece(e, piece)
             raise
-        if self.training and self._train_done is not None:
-            self._train_done = (
-                i + 1
-            )  # so a checkpoint written in after_batch resumes at i + 1
-        fire("after_batch", iter=i, loss=self.loss)
+        if training and self._train_done is not None:
+            # So a checkpoint written in after_batch resumes at i + 1.
+            self._train_done = i + 1
+        if "after_batch" in self._table:
+            fire("after_batch", iter=i, loss=self.loss)
 
     def _note_piece(self, e: Exception, piece: str) -> None:
         """Note on `e` the step piece it came from, where the loop was, and the shapes involved."""
