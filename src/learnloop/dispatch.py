@@ -169,6 +169,9 @@ class CallbackHost:
     @contextmanager
     def _attached(self, extra: Sequence[Callback]) -> Iterator[None]:
         """Attach `extra` for one run (replacing attached `unique` ones of its kind), then restore."""
+        if not extra:  # most fits: nothing to attach, no table to rebuild
+            yield
+            return
         hidden = displaced(self.cbs, extra)
         if hidden:
             self.remove_cbs(*hidden)
