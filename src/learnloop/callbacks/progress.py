@@ -218,13 +218,15 @@ class ProgressCB(Callback):
         row = dict(learn.epoch_log)
         # A row left from another epoch (nobody built this one) is not shown twice.
         if row and row.get("epoch", epoch) == epoch:
+            lines = []
             if set(row) - set(self._columns):
                 self._columns = merge_columns(self._columns, row)
                 self._widths = [max(len(k), 9) for k in self._columns]
-                self._write(
+                lines.append(
                     "  ".join(k.rjust(w) for k, w in zip(self._columns, self._widths))
                 )
-            self._write(format_row(row, self._columns, self._widths))
+            lines.append(format_row(row, self._columns, self._widths))
+            self._write(*lines)  # one write: the bars are cleared and redrawn once
         if self._epoch_bar is not None:
             self._epoch_bar.update(1)
         if self.plot and self._notebook:
@@ -245,18 +247,18 @@ class ProgressCB(Callback):
             self._batch_bar.close()
             self._batch_bar = None
 
-    def _write(self, line: str) -> None:
+    def _write(self, *lines: str) -> None:
         if self._silent:
             return
         if self._table is not None:  # in a notebook: the whole table, one output
-            self._lines.append(line)
+            self._lines.extend(lines)
             self._table.update({"text/plain": "\n".join(self._lines)})
         elif self._bars:
             from tqdm import tqdm
 
-            tqdm.write(line, file=self._out)
+            tqdm.write("\n".join(lines), file=self._out)
         else:
-            print(line, file=self._out, flush=True)
+            print(*lines, sep="\n", file=self._out, flush=True)
 
     def _draw(self, learn: Learner) -> None:
         try:
