@@ -79,7 +79,7 @@ def pieces(
         (
             "ours: an event nobody listens to",
             f"{4 * n_train + n} a fit",
-            "learn._fire('after_pred', preds=None)",
+            "'after_pred' in learn._table",  # the batch loop's test before it fires
             g,
         ),
         (
