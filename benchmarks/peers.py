@@ -8,11 +8,12 @@ The workloads, data and hand-written loop are benchmarks/overhead.py's (imported
 of training and validation on pre-batched Fashion-MNIST-shaped synthetic tensors, torch's SGD at lr
 0.01, one torch thread, the epoch's mean train and valid loss kept by every loop. Each framework runs
 in a process of its own, alternating round by round with the hand-written loop on the same module
-and the same torch optimizer; its ratio is the median of its epochs over the median of the hand
-loop's, in that process. The parent starts those processes round-robin over the frameworks
-(`--repeats` times, the order rotating), so a slow spell on a shared machine falls on all of them;
-the table gives the median of the per-process ratios, their range, and the time added per batch
-(train and valid batches together).
+and the same torch optimizer (which goes first alternates too). The parent starts those processes
+round-robin over the frameworks (`--repeats` times, the order rotating), so a slow spell on a
+shared machine falls on all of them. Each round pairs a framework epoch with the hand-written
+epoch next to it; the table gives the median of those paired ratios over all rounds of all
+processes, the range of the per-process medians, and the median time added per batch (train and
+valid batches together).
 
 How each framework is set up, with what it does by default left on:
 - learnloop: `Learner(model, DataLoaders(train, valid), lr=0.01)` with its default callbacks,
@@ -269,21 +270,25 @@ def run_child(python: str, framework: str, args: argparse.Namespace) -> dict:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per workload: the median over processes of each process's ratio and added time per batch."""
+    """Per workload, over every round of every process: the median of the round's ratio (the
+    framework's epoch over the hand-written loop's epoch next to it, in the same process) and of
+    the time it added per batch; the range of the per-process medians of that ratio; and the
+    median epoch times."""
     out = {}
     for name in runs[0]["workloads"]:
-        ratios, added, hands, fws = [], [], [], []
+        ratios, added, per_process, hands, fws = [], [], [], [], []
         for run in runs:
             w = run["workloads"][name]
-            hand, fw = statistics.median(w["hand"]), statistics.median(w["framework"])
-            hands.append(hand)
-            fws.append(fw)
-            ratios.append(fw / hand)
-            added.append((fw - hand) / w["batches"] * 1e6)
+            pairs = list(zip(w["framework"], w["hand"]))
+            ratios += [fw / hand for fw, hand in pairs]
+            added += [(fw - hand) / w["batches"] * 1e6 for fw, hand in pairs]
+            per_process.append(statistics.median(fw / hand for fw, hand in pairs))
+            hands += w["hand"]
+            fws += w["framework"]
         out[name] = {
             "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
+            "ratio_min": min(per_process),
+            "ratio_max": max(per_process),
             "added_us": statistics.median(added),
             "hand_s": statistics.median(hands),
             "framework_s": statistics.median(fws),
@@ -344,8 +349,8 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         "(CNN: a tenth)"
     )
     legend = (
-        "ratio = framework / hand-written loop (median of the per-process medians) "
-        "[their range], +µs = time added per batch"
+        "ratio = framework epoch / the hand-written epoch next to it, median over all rounds "
+        "[range of the per-process medians]; +µs = median time added per batch"
     )
     lines = [
         setup,
