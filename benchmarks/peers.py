@@ -1,7 +1,7 @@
 """Peers: learnloop's Learner, fastai's Learner and Lightning's Trainer, each against a hand-written loop.
 
     python benchmarks/peers.py --rounds 9                        # every framework this Python has
-    python benchmarks/peers.py --python /work/peers-venv/bin/python
+    python benchmarks/peers.py --python ~/peers-venv/bin/python
     python benchmarks/peers.py --fastai-python /other/venv/bin/python --only linear-784-10-bs64
 
 The workloads, data and hand-written loop are benchmarks/overhead.py's (imported from it): one epoch
@@ -33,15 +33,15 @@ A framework missing from the interpreter that runs it is reported as skipped, no
 Neither fastai nor Lightning is a learnloop dependency; to measure them, in a venv of their own
 (torch first, so pip takes the CPU build):
 
-    python3 -m venv /work/peers-venv
-    /work/peers-venv/bin/pip install torch==2.13.0
-    /work/peers-venv/bin/pip install lightning -e .
+    python3 -m venv ~/peers-venv
+    ~/peers-venv/bin/pip install torch==2.13.0
+    ~/peers-venv/bin/pip install lightning -e .
     # fastai declares torchvision, whose PyPI build does not load beside torch 2.13.0+cpu; its
     # Learner does not import it, so fastai goes in without its declared dependencies:
-    /work/peers-venv/bin/pip install fastai --no-deps
-    /work/peers-venv/bin/pip install fastcore fasttransform fastprogress fastdownload \\
+    ~/peers-venv/bin/pip install fastai --no-deps
+    ~/peers-venv/bin/pip install fastcore fasttransform fastprogress fastdownload \\
         "plum-dispatch<2.10" cloudpickle pandas scipy scikit-learn matplotlib pyyaml pillow requests
-    python benchmarks/peers.py --python /work/peers-venv/bin/python --rounds 9
+    python benchmarks/peers.py --python ~/peers-venv/bin/python --rounds 9
 
 The children import this checkout's learnloop (its src/ goes first on PYTHONPATH), whatever the
 interpreter has installed. The parent imports no torch: it only starts the children.
