@@ -431,18 +431,19 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         waits for the device, in these batches only (see `learnloop.callbacks.profiler`).
         """
         from .callbacks.debug import LimitBatchesCB
-        from .callbacks.profiler import ProfileCB
+        from .callbacks.profiler import EndBeforeEpochEnd, ProfileCB
         from .notebook import in_notebook
         from .trial import trial_fit
 
         check_int(n_batches, "profile n_batches", minimum=1, unit="batches")
         profiler = ProfileCB(warmup)
         limit = LimitBatchesCB(train=warmup + n_batches, valid=warmup + n_batches)
-        profiler.untimed = (limit,)
+        end = EndBeforeEpochEnd()  # no epoch row for a profile
+        profiler.untimed = (limit, end)
         self._prepare_model()
         skipped = trial_fit(
             self,
-            [profiler, limit, *as_callbacks(cbs)],
+            [profiler, limit, end, *as_callbacks(cbs)],
             skip=lambda cb: not getattr(cb, "run_in_profile", True),
             n_epochs=1,
             valid=valid,

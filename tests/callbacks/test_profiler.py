@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
@@ -21,6 +22,7 @@ from learnloop import (
     PhaseProfile,
     ProfileCB,
     ProfileReport,
+    ProgressCB,
     SingleBatchCB,
 )
 from learnloop.callbacks.profile_report import (
@@ -336,3 +338,12 @@ def test_show_training_loop_lists_hooks_not_the_profilers_marks(capsys):
     assert loop["after_cancel_step"] == "-"
     assert loop["before_fit"].startswith("ProfileCB, DeviceCB")
     assert loop["after_pred"] == "-"
+
+
+def test_a_profile_prints_no_epoch_row():
+    out = io.StringIO()
+    learn = Learner(nn.Linear(4, 3), make_dls(n=320), cbs=[ProgressCB(file=out)])
+    learn.profile(n_batches=3)
+    assert "train_loss" not in out.getvalue()
+    learn.fit(1)
+    assert "train_loss" in out.getvalue()  # a fit's row, for contrast

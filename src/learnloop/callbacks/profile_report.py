@@ -173,7 +173,7 @@ class ProfileReport:
         lines = [
             (
                 f"{_PHASE_NAMES[phase.name]} step: {phase.step_us:,.1f} µs, "
-                f"{phase.samples_per_s:,.0f} samples/s (batch {phase.samples:g})"
+                f"{phase.samples_per_s:,.0f} samples/s ({_batch(phase.samples)})"
             ),
             f"  {'part':<{width}} {'µs/step':>10} {'share':>7}",
         ]
@@ -231,6 +231,13 @@ class ProfileReport:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         fig.tight_layout()
         return fig
+
+
+def _batch(samples: float) -> str:
+    """'batch 64', or the mean when the batches differ (a last, smaller one)."""
+    if samples == int(samples):
+        return f"batch {int(samples)}"
+    return f"batch {samples:.1f} on average"
 
 
 def _index(phase: PhaseProfile, part: str) -> int:
