@@ -431,14 +431,14 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         waits for the device, in these batches only (see `learnloop.callbacks.profiler`).
         """
         from .callbacks.debug import LimitBatchesCB
-        from .callbacks.profiler import EndBeforeEpochEnd, ProfileCB
+        from .callbacks.profiler import ProfileCB, _EndBeforeEpochEnd
         from .notebook import in_notebook
         from .trial import trial_fit
 
         check_int(n_batches, "profile n_batches", minimum=1, unit="batches")
         profiler = ProfileCB(warmup)
         limit = LimitBatchesCB(train=warmup + n_batches, valid=warmup + n_batches)
-        end = EndBeforeEpochEnd()  # no epoch row for a profile
+        end = _EndBeforeEpochEnd()  # no epoch row for a profile
         profiler.untimed = (limit, end)
         self._prepare_model()
         skipped = trial_fit(

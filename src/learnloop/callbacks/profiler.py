@@ -42,7 +42,7 @@ from .profile_report import (
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["EndBeforeEpochEnd", "ProfileCB"]
+__all__ = ["ProfileCB"]
 
 Hook = Callable[..., Any]
 Table = dict[str, list[tuple[Any, Hook]]]
@@ -273,7 +273,7 @@ class ProfileCB(Callback):
         )
 
 
-class EndBeforeEpochEnd(Callback):
+class _EndBeforeEpochEnd(Callback):
     """Ends the fit as its first epoch ends, before anyone's `after_epoch`: no row, no epoch logged.
 
     `learn.profile` runs one epoch with it, so its batches leave no table row behind.
