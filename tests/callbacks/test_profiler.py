@@ -16,9 +16,11 @@ from learnloop import (
     ActivationStatsCB,
     Callback,
     CancelBatchException,
+    CancelFitException,
     CheckpointCB,
     DataLoaders,
     Learner,
+    MixedPrecisionCB,
     PhaseProfile,
     ProfileCB,
     ProfileReport,
@@ -303,12 +305,23 @@ def report_of(parts: dict[str, float], num_workers: int | None = 0) -> ProfileRe
     ("parts", "workers", "says"),
     [
         (
+            {LOADER: 7000, FORWARD: 3000},
+            0,
+            "the loader takes 70% of each training step: fetch whole batches at once",
+        ),
+        (
+            {LOADER: 7000, FORWARD: 3000},
+            0,
+            "or load in worker processes (DataLoader(..., num_workers=4))",
+        ),
+        ({LOADER: 7000, FORWARD: 3000}, 3, "its 3 workers don't keep up"),
+        # An in-memory loader: workers would cost more than its 70 µs.
+        (
             {LOADER: 70, FORWARD: 30},
             0,
-            "the loader takes 70% of each training step: load in worker processes (DataLoader(..., num_workers=4))",
+            "at 70 µs a batch, worker processes would cost more",
         ),
-        ({LOADER: 70, FORWARD: 30}, 3, "its 3 workers don't keep up"),
-        ({LOADER: 20, FORWARD: 80}, None, "the loader takes 20%"),
+        ({LOADER: 2000, FORWARD: 8000}, None, "the loader takes 20%"),
         (
             {HOST_TO_DEVICE: 30, FORWARD: 70},
             0,
@@ -347,3 +360,62 @@ def test_a_profile_prints_no_epoch_row():
     assert "train_loss" not in out.getvalue()
     learn.fit(1)
     assert "train_loss" in out.getvalue()  # a fit's row, for contrast
+
+
+def test_mixed_precision_backward_and_step_count_as_backward_and_step():
+    """MixedPrecisionCB (float16 + GradScaler) runs backward and the step in its hooks: they count as those pieces."""
+    learn = Learner(
+        nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 3)),
+        make_dls(n=320),
+        cbs=[MixedPrecisionCB(torch.float16)],
+    )
+    phase = learn.profile(n_batches=4, valid=False).train
+    assert phase.parts_us[BACKWARD] > 0 and phase.parts_us[STEP] > 0
+    assert "MixedPrecisionCB.before_backward" not in phase.parts_us
+    assert "MixedPrecisionCB.before_step" not in phase.parts_us
+    assert sum(phase.parts_us.values()) == pytest.approx(phase.step_us, rel=1e-6)
+
+
+def test_the_title_says_which_batches_were_not_counted():
+    learn = Learner(
+        nn.Linear(4, 3), make_dls(n=32, bs=16)
+    )  # 2 training batches, 1 valid
+    title = str(learn.profile(n_batches=5, warmup=2)).splitlines()[0]
+    # Too few batches to leave any out: all counted, and the title does not say otherwise.
+    assert title.startswith("Profile of 2 training batches, 1 validation batch on cpu.")
+    title = str(
+        Learner(nn.Linear(4, 3), make_dls(n=320)).profile(n_batches=1)
+    ).splitlines()[0]
+    assert (
+        "(the first 2 training batches and the first 2 validation batches not counted)"
+        in title
+    )
+
+
+def test_a_profilecb_left_attached_reports_a_later_evaluation_alone():
+    profiler = ProfileCB(warmup=0)
+    learn = Learner(
+        nn.Linear(4, 3), make_dls(n=160, bs=16), cbs=[profiler]
+    )  # 10 + 3 batches
+    learn.fit(1)
+    assert profiler.report().valid.n_batches == 3
+    learn.get_preds()
+    report = profiler.report()
+    assert report.train is None and report.valid.n_batches == 3
+
+
+def test_lr_find_and_profile_keep_a_loaded_mid_epoch_position(tmp_path):
+    class SaveAt3(Callback):
+        def after_batch(self, learn, **kwargs):
+            if learn.training and learn.iter == 2:
+                learn.save(tmp_path / "mid.pt")
+                raise CancelFitException()
+
+    Learner(nn.Linear(4, 3), make_dls(n=320), cbs=[SaveAt3()]).fit(1)
+    learn = Learner(nn.Linear(4, 3), make_dls(n=320))
+    learn.load(tmp_path / "mid.pt")
+    position = (learn._resume_at, learn.start_iter)
+    assert position[0] is not None
+    learn.profile(n_batches=2)
+    learn.lr_find(num_it=5)
+    assert (learn._resume_at, learn.start_iter) == position

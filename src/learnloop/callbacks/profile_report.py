@@ -21,7 +21,10 @@ ZERO_GRAD = "zero_grad"
 LOOP = "learnloop (events, loop)"
 PIECES = (LOADER, HOST_TO_DEVICE, FORWARD, LOSS, BACKWARD, STEP, ZERO_GRAD)
 # What to do when a part is the largest that can be acted on.
-_LIGHTER = "make it lighter (no .item() or host sync per batch; do the work once per epoch), or detach it."
+_LIGHTER = (
+    "look at what it does per batch: a host sync (.item(), float(), .cpu()) costs the most; "
+    "do such work once per epoch."
+)
 _PIN = (
     "pass pin_memory=True to the DataLoader, so the non_blocking copy overlaps compute."
 )
@@ -30,6 +33,9 @@ _LARGER_BATCH = (
     "the model's work is tiny; a larger batch spreads the loop over more samples."
 )
 _PHASE_NAMES = {"train": "training", "valid": "validation"}
+# Below this loader wait per batch, worker processes cost more than they save (moving a batch
+# between processes takes about 0.1 to 1 ms).
+_WORKER_WORTH_US = 1000.0
 
 
 @dataclass
@@ -103,11 +109,17 @@ class ProfileReport:
         step = f"each {_PHASE_NAMES[phase.name]} step"
         loader = phase.share(LOADER)
         if loader >= 0.3:  # whatever else there is: the model waits for the data
-            return f"the loader takes {loader:.0%} of {step}: {self._loader_fix()}"
+            fix = self._loader_fix(phase.parts_us[LOADER])
+            return f"the loader takes {loader:.0%} of {step}: {fix}"
         own = phase.parts_us.get(LOOP, 0.0) - self.profiler_us.get(phase.name, 0.0)
         # (share, the least share worth a word, who, what to do): the largest one counts.
         candidates = [
-            (loader, 0.15, "the loader", self._loader_fix()),
+            (
+                loader,
+                0.15,
+                "the loader",
+                self._loader_fix(phase.parts_us.get(LOADER, 0.0)),
+            ),
             *(
                 (us / phase.step_us, 0.1, part, _LIGHTER)
                 for part, us in phase.callbacks().items()
@@ -134,17 +146,23 @@ class ProfileReport:
             "MixedPrecisionCB on a GPU, CompileCB)."
         )
 
-    def _loader_fix(self) -> str:
+    def _loader_fix(self, wait_us: float) -> str:
+        """What to do about a loader that waits `wait_us` a step."""
         batched = (
-            "fetch whole batches at once (DataLoaders.from_dd(dd, bs, batched=True))"
+            "fetch whole batches at once (DataLoaders.from_dd(dd, bs, batched=True), or "
+            "index in-memory tensors by batch)"
         )
-        if self.num_workers is None:
-            return f"{batched}, or load in worker processes (a DataLoader with num_workers=4)."
-        if self.num_workers == 0:
-            return f"load in worker processes (DataLoader(..., num_workers=4)), or {batched}."
+        if wait_us < _WORKER_WORTH_US:
+            # Handing a batch between processes costs about this much: workers would not help.
+            return (
+                f"{batched}, or use a larger batch; at {wait_us:,.0f} µs a batch, worker "
+                "processes would cost more than they save."
+            )
+        if not self.num_workers:
+            return f"{batched}, or load in worker processes (DataLoader(..., num_workers=4))."
         return (
-            f"its {self.num_workers} workers don't keep up: raise num_workers, {batched}, or "
-            "make each item's transform cheaper."
+            f"its {self.num_workers} workers don't keep up: {batched}, make each item's "
+            "transform cheaper, or raise num_workers."
         )
 
     def table(self) -> str:
@@ -156,12 +174,17 @@ class ProfileReport:
 
     def _title(self) -> str:
         runs = ", ".join(
-            f"{p.n_batches} {_PHASE_NAMES[p.name]} batches"
+            f"{p.n_batches} {_PHASE_NAMES[p.name]} {_plural(p.n_batches, 'batch')}"
             for p in self.phases.values()
         )
         title = f"Profile of {runs} on {self.device}"
-        if self.warmup:
-            title += f" (the first {self.warmup} of each phase not counted)"
+        skipped = [
+            f"the first {p.warmup} {_PHASE_NAMES[p.name]} {_plural(p.warmup, 'batch')}"
+            for p in self.phases.values()
+            if p.warmup
+        ]
+        if skipped:
+            title += f" ({' and '.join(skipped)} not counted)"
         if self.synced:
             title += f"; each part waited for the {self.device} device (profiled batches only)"
         if self.skipped:
@@ -231,6 +254,10 @@ class ProfileReport:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         fig.tight_layout()
         return fig
+
+
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else f"{word}es" if word.endswith("ch") else f"{word}s"
 
 
 def _batch(samples: float) -> str:

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import check_int
-from ..events import EVENTS, CancelFitException
+from ..events import (
+    EVENTS,
+    CancelBackwardException,
+    CancelFitException,
+    CancelStepException,
+)
 from .core import ORDERS, Callback
 from .device import DeviceCB
 from .metric_kinds import batch_size
@@ -65,6 +70,12 @@ _BETWEEN: dict[tuple[str, str], str] = {
 
 _PHASES = {"before_train": "train", "before_validate": "valid"}
 
+# A hook of these events that raises the Cancel has done the piece in the loop's place.
+_REPLACES: dict[str, tuple[type[BaseException], str]] = {
+    "before_backward": (CancelBackwardException, BACKWARD),
+    "before_step": (CancelStepException, STEP),
+}
+
 
 class ProfileCB(Callback):
     """Times every part of each step: the loader, the device move, forward, loss, backward, step, zero_grad, each hook.
@@ -91,6 +102,7 @@ class ProfileCB(Callback):
         # Set by learn.profile: the callbacks it detached, and those it added (not timed).
         self.skipped: list[str] = []
         self.untimed: tuple[Callback, ...] = ()
+        self._in_fit = False
         self._reset()
 
     def _reset(self) -> None:
@@ -169,14 +181,19 @@ class ProfileCB(Callback):
             else f"{type(cb).__name__}.{event}"
         )
 
+        replaced = _REPLACES.get(event)
+
         def timed_hook(learn: Learner, **context: Any) -> Any:
             t = self._clock()
             try:
                 result = hook(learn, **context)
-            except BaseException:
+            except BaseException as e:
+                # A hook that ran the piece itself and cancels the loop's (MixedPrecisionCB's
+                # scaled backward and step) did that piece's work: it counts as the piece.
+                ran = replaced is not None and isinstance(e, replaced[0])
+                self._add_hook(replaced[1] if ran else part, self._clock() - t)  # type: ignore[index]
                 # The event's later hooks and close mark will not run (a Cancel*, an error):
                 # close it here, so its time is not counted again in the next interval.
-                self._add_hook(part, self._clock() - t)
                 self._close(learn, event)
                 raise
             self._add_hook(part, self._clock() - t)
@@ -191,6 +208,8 @@ class ProfileCB(Callback):
         current["_hooks"] = current.get("_hooks", 0.0) + 1
 
     def _start_phase(self, learn: Learner, phase: str) -> None:
+        if not self._in_fit and phase == "valid":
+            self._reset()  # validate()/get_preds(): a report of that run alone
         self._phase = phase
         if phase == "train":
             self._loader = learn.dl
@@ -222,6 +241,10 @@ class ProfileCB(Callback):
     # ---------------------------------------------------------------- events
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._reset()
+        self._in_fit = True
+
+    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
+        self._in_fit = False
 
     # ---------------------------------------------------------------- the report
     def report(self) -> ProfileReport:
