@@ -2,11 +2,15 @@
 
 `trial_fit` captures, then restores bit for bit (with `learnloop.state`, as checkpoints do): the
 model's parameters, buffers and train/eval mode, the optimizer (none afterwards if there was none),
-the random number generators, the counters, `epoch_log` and `resumed_from`, and the attached
-callbacks: the list itself, each one's attributes as they were bound (so a callback that starts
-new records in `before_fit` keeps its old ones), and the `state_dict()` of those that have one
-(the Recorder's and MetricsCB's records, a GradScaler). Callbacks that `skip` picks are detached
-for the trial. This holds when the trial stops early and when it raises.
+the random number generators, the counters, `epoch_log`, `resumed_from` and a loaded mid-epoch
+position (kept: the trial itself runs a fresh epoch), and the attached callbacks:
+the list itself, each one's attributes as they were bound (so a callback that starts new records in
+`before_fit` keeps its old ones), and the `state_dict()` of those that have one (the Recorder's and
+MetricsCB's records, a GradScaler). A list that a callback fills in place, without a `state_dict`,
+keeps what the trial added: keep records in attributes you rebind, or give the callback a
+`state_dict`; and read state that belongs to the learner (is the model compiled?) from the learner.
+Callbacks that `skip` picks are detached for the trial. This holds when the trial stops early and
+when it raises.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def trial_fit(
     attached = list(learn.cbs)
     attributes = [dict(vars(cb)) for cb in attached]
     skipped = [cb for cb in attached if skip(cb)]
+    # A loaded mid-epoch position is the learner's state: kept, while the trial runs a fresh epoch.
+    position = learn._resume_at, learn.start_iter
+    learn._resume_at, learn.start_iter = None, 0
     try:
         learn.remove_cbs(*skipped)
         learn.fit(cbs=list(cbs), **fit_kwargs)
@@ -55,4 +62,5 @@ def trial_fit(
         restore(learn, saved)
         learn.model.train(mode)
         learn.epoch_log, learn.resumed_from = epoch_log, resumed
+        learn._resume_at, learn.start_iter = position
     return skipped
