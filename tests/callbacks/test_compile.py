@@ -97,3 +97,23 @@ class TestCompileCB:
         x = torch.randn(32, 4)
         # forward() bypasses the compiled call.
         torch.testing.assert_close(model(x), model.forward(x))
+
+
+@pytest.mark.parametrize("trial", ["lr_find", "profile"])
+def test_a_trial_fit_first_compiles_the_model_once(monkeypatch, trial):
+    """lr_find or profile as the first call compiles the model; the fit after it does not again."""
+    calls = []
+    real = nn.Module.compile
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", counted)
+    learn = Learner(mlp(), make_dls(), cbs=[CompileCB(backend="eager", check=False)])
+    if trial == "lr_find":
+        learn.lr_find(num_it=5)
+    else:
+        learn.profile(n_batches=1)
+    learn.fit(1)
+    assert len(calls) == 1

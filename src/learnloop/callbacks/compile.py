@@ -81,7 +81,10 @@ class CompileCB(Callback):
         self._compiled: Any = None
 
     def _compile(self, learn: Learner) -> None:
-        if self._compiled is learn.model:
+        # Read from the model too: a trial fit (lr_find, profile) that compiled it puts this
+        # callback's attributes back afterwards, and the model must not be compiled twice.
+        if self._compiled is learn.model or _is_compiled(learn.model):
+            self._compiled = learn.model
             return
         if self.check:
             first = next(learn.model.parameters(), None)
@@ -102,3 +105,8 @@ class CompileCB(Callback):
 
     def __repr__(self) -> str:
         return f"CompileCB(backend={self.backend!r})"
+
+
+def _is_compiled(model: Any) -> bool:
+    """Whether `model.compile()` already ran on `model` (torch keeps the compiled call on it)."""
+    return getattr(model, "_compiled_call_impl", None) is not None
