@@ -260,11 +260,46 @@ def check_profile(device: str) -> str:
         assert len(syncs) > 0, "the profiled batches never waited for the device"
     assert abs(total - train.step_us) <= 0.05 * train.step_us, (total, train.step_us)
     assert train.parts_us["forward"] > 0 and train.parts_us["backward"] > 0
+    # Mixed precision (float16 with a GradScaler on CUDA): its hooks run backward and the step,
+    # which count as those pieces, not as the callback's.
+    mixed = learner(device, [MixedPrecisionCB()]).profile(n_batches=8).train
+    assert mixed.parts_us["backward"] > 0 and mixed.parts_us["optimizer step"] > 0, (
+        mixed
+    )
+    hook = mixed.parts_us.get("MixedPrecisionCB.before_backward", 0.0)
+    assert hook < 0.1 * mixed.parts_us["backward"], mixed.parts_us
     top = sorted(train.parts_us.items(), key=lambda kv: -kv[1])[:3]
     return (
         f"step {train.step_us:.0f} us, sum of parts {total:.0f} us, "
         f"top: {', '.join(f'{p} {us:.0f}' for p, us in top)}; {report.advice}"
     )
+
+
+def check_batches_already_there(device: str) -> str:
+    """A loader yielding batches on the device already: DeviceCB("cuda") moves none of them again."""
+    import learnloop.callbacks.device as device_module
+
+    moved = []
+    real = device_module.to_device
+
+    def counting(obj, *args, **kwargs):
+        moved.append(1)
+        return real(obj, *args, **kwargs)
+
+    batches = [(x.to(device), y.to(device)) for x, y in make_dls().train]
+    learn = Learner(
+        make_model(),
+        DataLoaders(batches, batches[:2]),
+        cbs=[DeviceCB(device)],
+        default_cbs=False,
+    )
+    device_module.to_device = counting
+    try:
+        learn.fit(1)
+    finally:
+        device_module.to_device = real
+    assert not moved, f"{len(moved)} batches already on {device} were moved again"
+    return f"{len(batches)} + 2 batches on {device}, none moved again"
 
 
 CHECKS: list[Callable[[str], str]] = [
@@ -275,6 +310,7 @@ CHECKS: list[Callable[[str], str]] = [
     check_compile,
     check_fsdp_bf16,
     check_profile,
+    check_batches_already_there,
 ]
 
 

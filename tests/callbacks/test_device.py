@@ -124,3 +124,12 @@ def test_device_cb_keeps_batch_already_there():
     learn.batch = batch = [torch.ones(2, 4, device="meta"), torch.ones(2)]
     cb.before_batch(learn)
     assert learn.batch is not batch and learn.yb.device.type == "meta"
+
+
+def test_devices_are_compared_as_their_tensors_report_them():
+    """A bare 'cuda' or 'mps' gets its index (tensors there report 'cuda:0'); cpu stays as it is."""
+    from learnloop.callbacks.device import _with_index
+
+    assert _with_index(torch.device("cpu")) == torch.zeros(1).device
+    assert _with_index(torch.device("mps")) == torch.device("mps", 0)
+    assert _with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)

@@ -57,6 +57,21 @@ def _on_device(batch: Any, device: torch.device) -> bool:
     return True
 
 
+def _with_index(device: torch.device) -> torch.device:
+    """`device` as its tensors report it: 'cuda' is 'cuda:<current device>', 'mps' is 'mps:0'.
+
+    `torch.device("cuda") == torch.device("cuda", 0)` is False, so a check against the bare name
+    would never find a batch already on the GPU.
+    """
+    if device.index is not None:
+        return device
+    if device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "mps":
+        return torch.device("mps", 0)
+    return device  # cpu (and meta) tensors report no index
+
+
 def move_optimizer_state(opt: torch.optim.Optimizer) -> None:
     """Put each parameter's optimizer state (momenta, ...) on that parameter's device."""
     for p, state in opt.state.items():
@@ -86,11 +101,15 @@ class DeviceCB(Callback):
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        self._placed = (
+            self.device
+        )  # with its index, once known: what tensors there report
 
     def place_model(self, learn: Learner) -> None:
         """Move `learn.model` (and its optimizer's state) to this callback's device."""
+        self._placed = _with_index(self.device)
         first = next(learn.model.parameters(), None)
-        if first is None or first.device != self.device:
+        if first is None or first.device != self._placed:
             learn.model.to(self.device)
             # E.g. state loaded from a checkpoint onto the CPU.
             if learn.opt is not None:
@@ -106,7 +125,7 @@ class DeviceCB(Callback):
         batch = learn.batch
         # A batch already there (a CPU run, a loader that moves it) is left as it is: assigning
         # it would split it again, which costs more than this check.
-        if not _on_device(batch, self.device):
+        if not _on_device(batch, self._placed):
             learn.batch = to_device(batch, self.device)
 
     def __repr__(self) -> str:
