@@ -390,7 +390,6 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         notebook nothing is drawn: save it with `lr.plot().savefig("lr.png")`.
         """
         from .callbacks.lr_finder import SUGGESTERS, LRFinderCB, run_sweep
-        from .notebook import in_notebook
 
         if suggest not in SUGGESTERS:
             raise ValueError(
@@ -400,14 +399,7 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         self._prepare_model()  # the sweep's snapshot is of the model as fit will train it
         run_sweep(self, finder, as_callbacks(cbs))
         result = finder.result(suggest)
-        if show_plot is not False and in_notebook():
-            result.plot()  # a notebook shows it when the cell ends (learnloop.figure)
-        elif show_plot:
-            warnings.warn(
-                "lr_find(show_plot=True) shows its plot in a notebook only; in a script save "
-                "it: lr.plot().savefig('lr.png').",
-                stacklevel=2,
-            )
+        _show_plot(result, show_plot, "lr_find", "lr.plot().savefig('lr.png')")
         return result
 
     def profile(
@@ -432,7 +424,6 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         """
         from .callbacks.debug import LimitBatchesCB
         from .callbacks.profiler import ProfileCB, _EndBeforeEpochEnd
-        from .notebook import in_notebook
         from .trial import trial_fit
 
         check_int(n_batches, "profile n_batches", minimum=1, unit="batches")
@@ -450,14 +441,12 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         )
         profiler.skipped = [type(cb).__name__ for cb in skipped]
         report = profiler.report()
-        if show_plot is not False and in_notebook():
-            report.plot()  # a notebook shows it when the cell ends (learnloop.figure)
-        elif show_plot:
-            warnings.warn(
-                "profile(show_plot=True) shows its plot in a notebook only; in a script save "
-                "it: learn.profile().plot().savefig('profile.png').",
-                stacklevel=2,
-            )
+        _show_plot(
+            report,
+            show_plot,
+            "profile",
+            "learn.profile().plot().savefig('profile.png')",
+        )
         return report
 
     def _prepare_model(self) -> None:
@@ -797,6 +786,23 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
 
     def __repr__(self) -> str:
         return f"Learner(model={type(self.model).__name__}, cbs={self.cbs})"
+
+
+def _show_plot(result: Any, show_plot: bool | None, call: str, save: str) -> None:
+    """Draw `result.plot()` for a notebook to show at the cell's end (`show_plot` None or True).
+
+    Outside a notebook nothing is drawn; `show_plot=True` there warns how to save it instead.
+    """
+    from .notebook import in_notebook
+
+    if show_plot is not False and in_notebook():
+        result.plot()  # a notebook shows it when the cell ends (learnloop.figure)
+    elif show_plot:
+        warnings.warn(
+            f"{call}(show_plot=True) shows its plot in a notebook only; in a script save "
+            f"it: {save}.",
+            stacklevel=3,
+        )
 
 
 def _takes_input(method: Callable[..., Any]) -> bool:
