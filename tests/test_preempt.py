@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_data
+from helpers import TESTS, make_data
 from preempt_script import train
 from torch import nn
 from torch.utils.data import DataLoader
@@ -460,3 +460,32 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
     assert_same_weights(
         torch.load(run / "final.pt", weights_only=True), full.model.state_dict()
     )
+
+
+PERSISTENT_WORKERS_FIT = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from helpers import TESTS, make_data
+from learnloop import DataLoaders, Learner
+
+torch.manual_seed(0)
+train = DataLoader(make_data(256), batch_size=16, num_workers=2, persistent_workers=True)
+Learner(nn.Linear(4, 3), DataLoaders(train, DataLoader(make_data(64), batch_size=32))).fit(2)
+print("fit done", flush=True)
+"""
+
+
+def test_a_fit_with_persistent_workers_lets_the_interpreter_exit():
+    """The workers ignore SIGTERM (preemption), which is how multiprocessing ends daemon workers at
+    exit: they are shut down first, so the script exits instead of waiting for them forever."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(TESTS)])}
+    done = subprocess.run(
+        [sys.executable, "-c", PERSISTENT_WORKERS_FIT],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "fit done" in done.stdout, done.stderr[-2000:]

@@ -17,7 +17,9 @@ the main process stops them as it stops any epoch's workers.
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +114,29 @@ class IgnoreInWorkers:
             self.init(worker_id)
 
 
+# Loaders whose persistent workers ignore SIGTERM: at exit, multiprocessing ends daemon workers
+# with SIGTERM and then waits for them, which would wait forever. They are shut down first.
+_PERSISTENT: weakref.WeakSet[DataLoader] = weakref.WeakSet()
+_AT_EXIT: list[bool] = []  # registered yet?
+
+
+def _stop_at_exit(dl: DataLoader) -> None:
+    """Shut `dl`'s persistent workers down at interpreter exit, before multiprocessing waits for them."""
+    if not _AT_EXIT:
+        # Registered after multiprocessing's own exit handler, so it runs before it (atexit is LIFO).
+        atexit.register(_shut_down_persistent_workers)
+        _AT_EXIT.append(True)
+    _PERSISTENT.add(dl)
+
+
+def _shut_down_persistent_workers() -> None:
+    for dl in list(_PERSISTENT):
+        iterator = getattr(dl, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # asks each worker to exit (no signal), then joins it
+
+
 def shield_workers(dl: Any, signals: tuple[int, ...]) -> Callable[[], None] | None:
     """Make the workers `dl` starts from now on ignore `signals`; returns what undoes it (None: nothing done).
 
@@ -127,6 +152,8 @@ def shield_workers(dl: Any, signals: tuple[int, ...]) -> Callable[[], None] | No
         return None
     init = dl.worker_init_fn
     dl.worker_init_fn = IgnoreInWorkers(tuple(signals), init)
+    if dl.persistent_workers:
+        _stop_at_exit(dl)
 
     def undo() -> None:
         dl.worker_init_fn = init
