@@ -462,30 +462,42 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
     )
 
 
-PERSISTENT_WORKERS_FIT = """
+WORKERS_FIT = """
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from helpers import TESTS, make_data
-from learnloop import DataLoaders, Learner
+from helpers import make_data
+from learnloop import Callback, DataLoaders, Learner
+
+class Boom(Callback):
+    def after_batch(self, learn, iter, **kwargs):
+        if {fail} and learn.training and iter == 3:
+            raise RuntimeError("boom")
 
 torch.manual_seed(0)
-train = DataLoader(make_data(256), batch_size=16, num_workers=2, persistent_workers=True)
-Learner(nn.Linear(4, 3), DataLoaders(train, DataLoader(make_data(64), batch_size=32))).fit(2)
+train = DataLoader(make_data(256), batch_size=16, num_workers=2, persistent_workers={persistent})
+Learner(nn.Linear(4, 3), DataLoaders(train, DataLoader(make_data(64), batch_size=32)), cbs=Boom()).fit(2)
 print("fit done", flush=True)
 """
 
 
-def test_a_fit_with_persistent_workers_lets_the_interpreter_exit():
+@pytest.mark.parametrize(
+    ("persistent", "fail", "code"),
+    [(True, False, 0), (False, True, 1), (True, True, 1)],
+)
+def test_a_fit_with_loader_workers_lets_the_interpreter_exit(persistent, fail, code):
     """The workers ignore SIGTERM (preemption), which is how multiprocessing ends daemon workers at
-    exit: they are shut down first, so the script exits instead of waiting for them forever."""
+    exit. Persistent ones are shut down at exit, and those of a phase that failed (the kept
+    traceback holds them) when it fails: the script exits instead of waiting for them forever."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(TESTS)])}
+    script = WORKERS_FIT.format(persistent=persistent, fail=fail)
     done = subprocess.run(
-        [sys.executable, "-c", PERSISTENT_WORKERS_FIT],
+        [sys.executable, "-c", script],
         check=False,
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
-    assert done.returncode == 0 and "fit done" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == code, done.stderr[-2000:]
+    assert ("boom" in done.stderr) == fail and ("fit done" in done.stdout) != fail

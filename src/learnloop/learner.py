@@ -55,7 +55,13 @@ from .events import (
 from .inference import Inference
 from .long_runs import LongRuns
 from .midepoch import hand_over
-from .preempt import DEFAULT_SIGNALS, Preempted, catch_signals, shield_workers
+from .preempt import (
+    DEFAULT_SIGNALS,
+    Preempted,
+    catch_signals,
+    release_workers,
+    shield_workers,
+)
 from .rng import RngSnapshot, set_rng_state
 from .types import PathLike, length
 
@@ -576,6 +582,7 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
         agree = stop is not None and world_size() > 1
         if agree and not self.training:
             stop = None
+        batches = None
         try:
             batches = iter(dl)
             # A resumed epoch's persistent workers serve the next epochs.
@@ -594,16 +601,17 @@ class Learner(LongRuns, Inference, Batches, CallbackHost):
                             f"learnloop: raised checking for a preemption signal after {self._where()}.",
                         )
                         raise
-        except CancelException:
-            raise
-        except Exception as e:
-            # Errors of the batch itself are noted already; what is left came from the loader.
-            phase = "training" if self.training else "validation"
-            add_note(
-                e,
-                f"learnloop: raised by the {phase} loader fetching batch {i + 1} "
-                f"(epoch {self.epoch}).",
-            )
+        except BaseException as e:
+            # The phase ends here: its workers go now, not when a kept traceback lets go of them.
+            release_workers(batches)
+            if isinstance(e, Exception) and not isinstance(e, CancelException):
+                # Errors of the batch itself are noted already; what is left came from the loader.
+                phase = "training" if self.training else "validation"
+                add_note(
+                    e,
+                    f"learnloop: raised by the {phase} loader fetching batch {i + 1} "
+                    f"(epoch {self.epoch}).",
+                )
             raise
         if i < 0 and start == 0:
             self._warn_empty()

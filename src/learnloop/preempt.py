@@ -35,6 +35,7 @@ __all__ = [
     "Preempted",
     "SignalRecord",
     "catch_signals",
+    "release_workers",
     "shield_workers",
 ]
 
@@ -135,6 +136,20 @@ def _shut_down_persistent_workers() -> None:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()  # asks each worker to exit (no signal), then joins it
+
+
+def release_workers(iterator: Any) -> None:
+    """Shut down the workers of a loader `iterator` that a failed or cancelled phase leaves behind.
+
+    Its workers ignore SIGTERM (see `shield_workers`), so a traceback kept after an error (the
+    interpreter keeps the last one) would keep them alive, and the interpreter waiting for them at
+    exit. Persistent workers stay: they serve the next epoch, and are shut down at exit.
+    """
+    if iterator is None or getattr(iterator, "_persistent_workers", False):
+        return
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def shield_workers(dl: Any, signals: tuple[int, ...]) -> Callable[[], None] | None:
