@@ -17,6 +17,7 @@ from learnloop import (
     Callback,
     CancelBatchException,
     CancelFitException,
+    CancelStepException,
     CheckpointCB,
     DataLoaders,
     Learner,
@@ -419,3 +420,46 @@ def test_lr_find_and_profile_keep_a_loaded_mid_epoch_position(tmp_path):
     learn.profile(n_batches=2)
     learn.lr_find(num_it=5)
     assert (learn._resume_at, learn.start_iter) == position
+
+
+def test_an_evaluation_inside_a_fit_joins_its_report():
+    class FinalEval(Callback):
+        order = ProfileCB.order + 1
+
+        def after_fit(self, learn, *args, **kwargs):
+            learn.validate()
+
+    profiler = ProfileCB(warmup=0)
+    learn = Learner(
+        nn.Linear(4, 3), make_dls(n=160, bs=16), cbs=[profiler, FinalEval()]
+    )
+    learn.fit(1)
+    report = profiler.report()
+    assert (
+        report.train.n_batches == 10 and report.valid.n_batches == 6
+    )  # 3 + the final 3
+
+
+def test_a_callback_that_skips_the_step_keeps_its_time():
+    class SlowSkip(Callback):
+        def before_step(self, learn, *args, **kwargs):
+            time.sleep(0.002)
+            raise CancelStepException()
+
+    learn = Learner(nn.Linear(4, 3), make_dls(n=320), cbs=[SlowSkip()])
+    phase = learn.profile(n_batches=4, valid=False).train
+    assert phase.parts_us["SlowSkip.before_step"] >= 2000
+    assert phase.parts_us.get(STEP, 0.0) < 100  # the step never ran
+
+
+def test_the_advice_for_workers_that_cost_more_than_they_save():
+    advice = report_of({LOADER: 600, FORWARD: 400}, num_workers=2).advice
+    assert (
+        "its 2 worker processes cost more than they save: try num_workers=0" in advice
+    )
+
+
+def test_a_validation_report_has_no_backward_in_its_advice():
+    phase = PhaseProfile("valid", 10, 2, 100.0, 64, {FORWARD: 90.0, LOSS: 10.0})
+    advice = ProfileReport({"valid": phase}).advice
+    assert "the model's forward and loss take 100% of each validation step" in advice

@@ -101,9 +101,8 @@ class DeviceCB(Callback):
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
-        self._placed = (
-            self.device
-        )  # with its index, once known: what tensors there report
+        # The device with its index, once known: what tensors there report.
+        self._placed = self.device
 
     def place_model(self, learn: Learner) -> None:
         """Move `learn.model` (and its optimizer's state) to this callback's device."""

@@ -22,8 +22,8 @@ LOOP = "learnloop (events, loop)"
 PIECES = (LOADER, HOST_TO_DEVICE, FORWARD, LOSS, BACKWARD, STEP, ZERO_GRAD)
 # What to do when a part is the largest that can be acted on.
 _LIGHTER = (
-    "look at what it does per batch: a host sync (.item(), float(), .cpu()) costs the most; "
-    "do such work once per epoch."
+    "look at what it does per batch (a host sync such as .item(), float() or .cpu() costs "
+    "the most) and do such work once per epoch."
 )
 _PIN = (
     "pass pin_memory=True to the DataLoader, so the non_blocking copy overlaps compute."
@@ -140,8 +140,13 @@ class ProfileReport:
             share, who, fix = max(acted, key=lambda c: c[0])
             return f"{who} takes {share:.0%} of {step}: {fix}"
         model = sum(phase.share(p) for p in (FORWARD, LOSS, BACKWARD))
+        pieces = (
+            "forward, loss and backward"
+            if phase.name == "train"
+            else "forward and loss"
+        )
         return (
-            f"the model's forward, loss and backward take {model:.0%} of {step}: the loop "
+            f"the model's {pieces} take {model:.0%} of {step}: the loop "
             "and the data keep up; to go faster make the model's work cheaper (a larger batch, "
             "MixedPrecisionCB on a GPU, CompileCB)."
         )
@@ -153,7 +158,13 @@ class ProfileReport:
             "index in-memory tensors by batch)"
         )
         if wait_us < _WORKER_WORTH_US:
-            # Handing a batch between processes costs about this much: workers would not help.
+            # Handing a batch between processes costs about this much: workers do not help.
+            if self.num_workers:
+                return (
+                    f"at {wait_us:,.0f} µs a batch, its {self.num_workers} worker processes "
+                    f"cost more than they save: try num_workers=0, {batched}, or use a larger "
+                    "batch."
+                )
             return (
                 f"{batched}, or use a larger batch; at {wait_us:,.0f} µs a batch, worker "
                 "processes would cost more than they save."

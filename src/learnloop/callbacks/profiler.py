@@ -43,6 +43,7 @@ from .profile_report import (
     PhaseProfile,
     ProfileReport,
 )
+from .training import MixedPrecisionCB
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -70,7 +71,8 @@ _BETWEEN: dict[tuple[str, str], str] = {
 
 _PHASES = {"before_train": "train", "before_validate": "valid"}
 
-# A hook of these events that raises the Cancel has done the piece in the loop's place.
+# MixedPrecisionCB's hook of these events that raises the Cancel has done the piece in the
+# loop's place (the scaled backward, the scaler's step).
 _REPLACES: dict[str, tuple[type[BaseException], str]] = {
     "before_backward": (CancelBackwardException, BACKWARD),
     "before_step": (CancelStepException, STEP),
@@ -102,7 +104,6 @@ class ProfileCB(Callback):
         # Set by learn.profile: the callbacks it detached, and those it added (not timed).
         self.skipped: list[str] = []
         self.untimed: tuple[Callback, ...] = ()
-        self._in_fit = False
         self._reset()
 
     def _reset(self) -> None:
@@ -181,7 +182,9 @@ class ProfileCB(Callback):
             else f"{type(cb).__name__}.{event}"
         )
 
-        replaced = _REPLACES.get(event)
+        # Only MixedPrecisionCB's scaler path runs backward and the step in the loop's place; another
+        # callback's Cancel skips them, and its time stays its own.
+        replaced = _REPLACES.get(event) if isinstance(cb, MixedPrecisionCB) else None
 
         def timed_hook(learn: Learner, **context: Any) -> Any:
             t = self._clock()
@@ -208,11 +211,14 @@ class ProfileCB(Callback):
         current["_hooks"] = current.get("_hooks", 0.0) + 1
 
     def _start_phase(self, learn: Learner, phase: str) -> None:
-        if not self._in_fit and phase == "valid":
-            self._reset()  # validate()/get_preds(): a report of that run alone
+        # A fit's signal record is set from its start to its last after_fit: an evaluation inside
+        # a fit (a callback's validate() in after_fit) joins the fit's report; validate() or
+        # get_preds() on their own start a report of their own.
+        if phase == "valid" and getattr(learn, "_signals", None) is None:
+            self._reset()
         self._phase = phase
-        if phase == "train":
-            self._loader = learn.dl
+        if phase == "train" or not self._batches["train"]:
+            self._loader = learn.dl  # the training loader's, else the validation one's
         if not self._synced:
             self._use_device_clock(learn)
 
@@ -241,10 +247,6 @@ class ProfileCB(Callback):
     # ---------------------------------------------------------------- events
     def before_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
         self._reset()
-        self._in_fit = True
-
-    def after_fit(self, learn: Learner, *args: Any, **kwargs: Any) -> None:
-        self._in_fit = False
 
     # ---------------------------------------------------------------- the report
     def report(self) -> ProfileReport:
