@@ -177,8 +177,16 @@ def test_the_report_prints_and_plots():
     fig = report.plot()
     assert isinstance(fig, Figure)
     bars = fig.axes[0].patches
-    # One segment per part of each phase.
+    # One segment per part of each phase (a bar per phase for each part, in turn) ...
     assert len(bars) == len({*report.train.parts_us, *report.valid.parts_us}) * 2
+    for row, phase in enumerate([report.train, report.valid]):
+        segments = sorted(
+            (b.get_x(), b.get_width()) for b in bars[row::2] if b.get_width()
+        )
+        # ... stacked end to end from 0 to the sum of the phase's parts, none overlapping.
+        ends = [0.0] + [x + w for x, w in segments]
+        assert [x for x, _ in segments] == pytest.approx(ends[:-1])
+        assert ends[-1] == pytest.approx(sum(phase.parts_us.values()))
 
 
 def test_profile_leaves_the_learner_as_it_was(tmp_path):

@@ -89,7 +89,6 @@ class ProfileReport:
     profiler_us: dict[str, float] = field(default_factory=dict)
     num_workers: int | None = None  # the training loader's, when it has them
     skipped: list[str] = field(default_factory=list)  # callbacks detached for the run
-    warmup: int = 0
 
     @property
     def train(self) -> PhaseProfile | None:
@@ -245,8 +244,10 @@ class ProfileReport:
             parts += [p for p, _ in phase.ordered() if p not in parts]
         colors = _colors(len(parts))
         labels = [f"{_PHASE_NAMES[p.name]}\n{p.step_us:,.0f} µs" for p in phases]
+        # Where each part's segment starts in each phase's bar: the parts before it, summed.
+        starts = [_starts(p.ordered()) for p in phases]
         for part, color in zip(parts, colors):
-            left = [sum(us for q, us in p.ordered()[: _index(p, part)]) for p in phases]
+            left = [s.get(part, 0.0) for s in starts]
             widths = [p.parts_us.get(part, 0.0) for p in phases]
             bars = ax.barh(labels, widths, left=left, color=color, label=part)
             for bar, phase, us in zip(bars, phases, widths):
@@ -278,10 +279,12 @@ def _batch(samples: float) -> str:
     return f"batch {samples:.1f} on average"
 
 
-def _index(phase: PhaseProfile, part: str) -> int:
-    """Where `part` stands in `phase.ordered()` (its end when absent: nothing to the left then)."""
-    names = [p for p, _ in phase.ordered()]
-    return names.index(part) if part in names else len(names)
+def _starts(ordered: list[tuple[str, float]]) -> dict[str, float]:
+    """Each part's start on a bar that stacks `ordered` (part, µs) from 0."""
+    starts, total = {}, 0.0
+    for part, us in ordered:
+        starts[part], total = total, total + us
+    return starts
 
 
 def _colors(n: int) -> list[tuple[float, ...]]:

@@ -272,7 +272,6 @@ class ProfileCB(Callback):
             },
             num_workers=getattr(self._loader, "num_workers", None),
             skipped=list(self.skipped),
-            warmup=self.warmup,
         )
 
     def _phase_profile(
