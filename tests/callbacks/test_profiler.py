@@ -189,6 +189,21 @@ def test_the_report_prints_and_plots():
         assert ends[-1] == pytest.approx(sum(phase.parts_us.values()))
 
 
+def learner_state(learn: Learner, stats: ActivationStatsCB) -> dict:
+    """What a profile must leave as it was, copied."""
+    return _copy(
+        {
+            "model": learn.model.state_dict(),
+            "opt": learn.opt.state_dict(),
+            "losses": learn.recorder.losses,
+            "history": learn.metrics.history,
+            "counters": (learn.epoch, learn.epochs_done, learn.n_epochs),
+            "means": stats.means,
+            "epoch_log": learn.epoch_log,
+        }
+    )
+
+
 def test_profile_leaves_the_learner_as_it_was(tmp_path):
     stats = ActivationStatsCB(nn.ReLU)
     learn = Learner(
@@ -199,30 +214,12 @@ def test_profile_leaves_the_learner_as_it_was(tmp_path):
     )
     learn.fit(1)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    before = {
-        "model": learn.model.state_dict(),
-        "opt": learn.opt.state_dict(),
-        "losses": learn.recorder.losses,
-        "history": learn.metrics.history,
-        "counters": (learn.epoch, learn.epochs_done, learn.n_epochs),
-        "means": stats.means,
-        "epoch_log": learn.epoch_log,
-    }
-    before = {k: _copy(v) for k, v in before.items()}
+    before = learner_state(learn, stats)
     cbs, table = list(learn.cbs), dict(learn._table)
     report = learn.profile(n_batches=4)
     assert report.skipped == ["CheckpointCB"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == files
-    after = {
-        "model": learn.model.state_dict(),
-        "opt": learn.opt.state_dict(),
-        "losses": learn.recorder.losses,
-        "history": learn.metrics.history,
-        "counters": (learn.epoch, learn.epochs_done, learn.n_epochs),
-        "means": stats.means,
-        "epoch_log": learn.epoch_log,
-    }
-    assert_same(before, after)
+    assert_same(before, learner_state(learn, stats))
     assert learn.cbs == cbs and learn._table.keys() == table.keys()
     # The plain table again: an event nobody listens to is absent (one dict lookup).
     assert "after_cancel_step" not in learn._table
